@@ -1,0 +1,45 @@
+# Two commands matter: `make demo` (build a tiny assistant end to end) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+RECIPE ?= tiny
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# torch first: without CUDA the CPU wheel 2.13.0 (a plain `torch` would pull gigabytes of CUDA).
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.13.0"; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/ownlm data fetch-default
+	$(BIN)/ownlm run $(RECIPE)
+	$(BIN)/ownlm report runs/$(RECIPE)
+	@echo
+	@echo "Artifacts: runs/$(RECIPE)/ (report: runs/$(RECIPE)/report.html)"
+	@echo "Talk to the model:  $(BIN)/ownlm sample runs/$(RECIPE) --prompt 'Once upon a time'"
+
+test: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: install
+	$(BIN)/python bench/pretrain_throughput.py --save
+	$(BIN)/python bench/attention_sparsity.py --save
+
+clean:
+	rm -rf runs .pytest_cache

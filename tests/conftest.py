@@ -1,0 +1,94 @@
+"""Shared fixtures: a small real corpus and a tiny recipe that trains in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OWNLM_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# English prose (the stdlib's docstrings) and code (its source): real text, always present.
+_STDLIB = Path(sysconfig.get_paths()["stdlib"])
+_FILES = [
+    "textwrap.py",
+    "argparse.py",
+    "calendar.py",
+    "difflib.py",
+    "pathlib.py",
+    "shutil.py",
+    "json/__init__.py",
+    "logging/__init__.py",
+    "email/message.py",
+    "collections/__init__.py",
+    "functools.py",
+    "inspect.py",
+]
+
+
+def write_small_corpus(path: Path) -> Path:
+    import ast
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, name in enumerate(_FILES):
+            src = (_STDLIB / name).read_text(encoding="utf-8")
+            f.write(json.dumps({"id": f"code-{i}", "text": src, "meta": {"domain": "code"}}) + "\n")
+            for j, node in enumerate(ast.walk(ast.parse(src))):
+                doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef | ast.ClassDef) else None
+                if doc and len(doc) > 80:
+                    f.write(
+                        json.dumps({"id": f"doc-{i}-{j}", "text": doc, "meta": {"domain": "docs"}}) + "\n"
+                    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    return write_small_corpus(tmp_path_factory.mktemp("corpus") / "small.jsonl")
+
+
+TINY = {
+    "data": {"sources": []},
+    "tokenizer": {"vocab_size": 512, "train_max_mb": 2},
+    "model": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64},
+    "pretrain": {
+        "seq_len": 32,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "max_steps": 12,
+        "lr": 0.003,
+        "warmup_steps": 2,
+        "eval_every": 6,
+        "eval_rows": 16,
+        "log_every": 1,
+        "checkpoint_every": 4,
+        "val_fraction": 0.05,
+        "fluctuation_window": 5,
+    },
+}
+
+
+def tiny_recipe(runs_dir: Path, corpus: Path, **over):
+    """The tiny recipe shrunk to seconds, on `corpus`, with nested overrides."""
+    from ownlm.config import _merge, load_recipe
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["runs_dir"] = str(runs_dir)
+    cfg["data"]["sources"] = [str(corpus)]
+    return load_recipe("tiny", _merge(cfg, over))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, small_corpus):
+    """One tiny run through data → tokenizer → pretrain, shared by the tests that only read it."""
+    from ownlm.runner import run_recipe
+
+    recipe = tiny_recipe(tmp_path_factory.mktemp("runs"), small_corpus)
+    run_recipe(recipe)
+    return recipe

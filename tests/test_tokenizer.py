@@ -1,0 +1,90 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ownlm.errors import OwnlmError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, small_corpus):
+    from conftest import tiny_recipe
+
+    from ownlm.data.stage import run_data
+    from ownlm.tokenizer import load_tokenizer, run_tokenizer
+
+    recipe = tiny_recipe(tmp_path_factory.mktemp("runs"), small_corpus)
+    run_data(recipe)
+    return load_tokenizer(run_tokenizer(recipe))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_encode_decode_is_exact_on_any_unicode(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "emoji 👩‍👩‍👧‍👦 🇫🇷 ✨",
+        "中文字符和日本語のテキスト、한국어",
+        "e\u0301 a\u0308 combining",
+        "ctrl \x00\x01\x1b[31m\r\n\t\x7f",
+        "  leading and trailing spaces  ",
+        "<|end|> looks special",
+        "\ufeffBOM and \u200bzero width",
+    ],
+)
+def test_encode_decode_edge_cases(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_saved_files_load_with_auto_tokenizer(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(again) == len(tokenizer) <= 512
+    assert again("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"):
+        assert t in again.all_special_tokens
+
+
+def test_chat_template_marks_assistant_tokens(tokenizer):
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
+    out = tokenizer.apply_chat_template(
+        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    kept = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert kept == "Hello there<|end|>Goodbye<|end|>"
+    text = tokenizer.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+    assert text == "<|bos|><|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
+    with pytest.raises(Exception, match="unknown chat role"):
+        tokenizer.apply_chat_template([{"role": "wizard", "content": "x"}], tokenize=False)
+
+
+def test_existing_tokenizer_can_be_swapped_in(tokenizer, tmp_path, small_corpus):
+    from conftest import tiny_recipe
+
+    from ownlm.data.stage import run_data
+    from ownlm.tokenizer import load_tokenizer, run_tokenizer
+
+    src = tmp_path / "bigger"
+    tokenizer.save_pretrained(src)
+    recipe = tiny_recipe(tmp_path / "runs", small_corpus, tokenizer={"path": str(src)})
+    run_data(recipe)
+    swapped = load_tokenizer(run_tokenizer(recipe))
+    assert swapped.get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(OwnlmError, match="no tokenizer.json"):
+        run_tokenizer(tiny_recipe(tmp_path / "runs2", small_corpus, tokenizer={"path": str(tmp_path)}))
