@@ -72,13 +72,17 @@ def _time_ms(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--save", action="store_true", help="also write bench/results/attention_sparsity.json")
+    parser.add_argument(
+        "--save", action="store_true", help="also write bench/results/attention_sparsity.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -142,7 +146,10 @@ def main() -> None:
             "backward of out.sum() w.r.t. q, k, v. sdpa-masked-band gets the right answer with dense work "
             "and is shown only to prove the blocked version's saving is real. ownlm-topk (k = window) "
             "computes all seq_len^2 scores by design (exact top-k needs a whole row), so it is expected to "
-            f"be slower than dense. ownlm-sliding vs band-masked reference max abs error: {max_err:.2e}."
+            "be slower than dense. ownlm-sliding runs one short SDPA call per block of `window` queries, "
+            "which makes it sensitive to other processes competing for the cores (OpenMP barriers): on a "
+            "busy machine its p90 jumps; rerun, or compare with --threads 1. ownlm-sliding vs "
+            f"band-masked reference max abs error: {max_err:.2e}."
         ),
     }
     text = json.dumps(report, indent=2)

@@ -45,8 +45,11 @@ def plain_round(recipe, tokenizer, shards: TokenShards) -> list[float]:
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+    )
     accum = cfg.batch_size // cfg.micro_batch_size
     rng = np.random.default_rng(recipe.seed)
     speeds = []
@@ -77,15 +80,29 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ownlm-bench-"))
-    recipe = load_recipe("tiny", {
-        "runs_dir": str(work), "data": {"max_mb_per_source": 2.0}, "tokenizer": {"train_max_mb": 4},
-        "pretrain": {"max_steps": args.steps, "log_every": 1, "eval_every": 10_000, "eval_rows": 16,
-                     "checkpoint_every": 10_000, "warmup_steps": 5},
-    })
+    recipe = load_recipe(
+        "tiny",
+        {
+            "runs_dir": str(work),
+            "data": {"max_mb_per_source": 2.0},
+            "tokenizer": {"train_max_mb": 4},
+            "pretrain": {
+                "max_steps": args.steps,
+                "log_every": 1,
+                "eval_every": 10_000,
+                "eval_rows": 16,
+                "checkpoint_every": 10_000,
+                "warmup_steps": 5,
+            },
+        },
+    )
     run_data(recipe)
     tokenizer = load_tokenizer(run_tokenizer(recipe))
-    run_pretrain(recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(update={"max_steps": 1})}),
-                 resume=False, force=True)  # builds the token shards once
+    run_pretrain(
+        recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(update={"max_steps": 1})}),
+        resume=False,
+        force=True,
+    )  # builds the token shards once
     shards = TokenShards(recipe.run_dir / "shards", "train")
 
     speeds: dict[str, list[float]] = {"ownlm": [], "plain-torch": []}
@@ -99,8 +116,13 @@ def main() -> None:
     systems = {}
     for name, xs in speeds.items():
         med = statistics.median(xs)
-        systems[name] = {"tokens_per_s": med, "tokens_per_s_p90": pct(xs, 10), "tokens_per_s_p99": pct(xs, 1),
-                         "mfu": med * flops_tok / (peak * 1e9), "steps_measured": len(xs)}
+        systems[name] = {
+            "tokens_per_s": med,
+            "tokens_per_s_p90": pct(xs, 10),
+            "tokens_per_s_p99": pct(xs, 1),
+            "mfu": med * flops_tok / (peak * 1e9),
+            "steps_measured": len(xs),
+        }
     ratio = systems["ownlm"]["tokens_per_s"] / systems["plain-torch"]["tokens_per_s"]
     result = {
         "bench": "pretrain_throughput",
@@ -109,11 +131,13 @@ def main() -> None:
         "systems": systems,
         "ratios": {"tokens_per_s ownlm/plain-torch": ratio},
         "runs": args.rounds,
-        "notes": (f"tiny recipe model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-                  f"global batch {recipe.pretrain.batch_size} x {recipe.pretrain.seq_len} tokens "
-                  f"(micro {recipe.pretrain.micro_batch_size}), fp32; {args.steps} steps a round, first {WARMUP} "
-                  "of each round dropped; p90/p99 are the slow tail (10th/1st percentile of tokens/s); "
-                  "MFU = tokens/s x 6N+attention FLOPs per token / measured fp32 matmul peak."),
+        "notes": (
+            f"tiny recipe model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+            f"global batch {recipe.pretrain.batch_size} x {recipe.pretrain.seq_len} tokens "
+            f"(micro {recipe.pretrain.micro_batch_size}), fp32; {args.steps} steps a round, first {WARMUP} "
+            "of each round dropped; p90/p99 are the slow tail (10th/1st percentile of tokens/s); "
+            "MFU = tokens/s x 6N+attention FLOPs per token / measured fp32 matmul peak."
+        ),
     }
     print(json.dumps(result, indent=2))
     if args.save:

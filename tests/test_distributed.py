@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -16,8 +15,14 @@ pytestmark = pytest.mark.slow
 
 def _pretrain(cmd_prefix, recipe_file, cwd):
     env = {**os.environ, "OWNLM_QUIET": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([*cmd_prefix, "-m", "ownlm.cli", "pretrain", "-r", str(recipe_file), "--restart"],
-                         capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+    res = subprocess.run(
+        [*cmd_prefix, "-m", "ownlm.cli", "pretrain", "-r", str(recipe_file), "--restart"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 

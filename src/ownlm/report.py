@@ -32,9 +32,13 @@ def write_report(run_dir: Path) -> Path:
         if m is None:
             continue
         found = True
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in m["metrics"].items())
-        parts.append(f"<h2>{stage}</h2><p>{m['created_at']} · {m['wall_time_s']:.1f} s · "
-                     f"git {m.get('git_commit') or '-'}</p><table>{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in m["metrics"].items()
+        )
+        parts.append(
+            f"<h2>{stage}</h2><p>{m['created_at']} · {m['wall_time_s']:.1f} s · "
+            f"git {m.get('git_commit') or '-'}</p><table>{rows}</table>"
+        )
         for png in sorted((run_dir / stage).glob("*.png")):
             data = base64.b64encode(png.read_bytes()).decode()
             parts.append(f'<img alt="{png.name}" src="data:image/png;base64,{data}">')
@@ -43,9 +47,14 @@ def write_report(run_dir: Path) -> Path:
             parts.append(f"<h3>sample</h3><pre>{html.escape(sample.read_text(encoding='utf-8'))}</pre>")
     if not found:
         raise OwnlmError(f"{run_dir}: no stage artifacts here (is it a run directory?)")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:2px 12px}"
-             "tr:nth-child(odd){background:#f4f4f4}pre{white-space:pre-wrap;background:#f8f8f8;padding:1em}")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:2px 12px}"
+        "tr:nth-child(odd){background:#f4f4f4}pre{white-space:pre-wrap;background:#f8f8f8;padding:1em}"
+    )
     out = run_dir / "report.html"
-    out.write_text(f"<!doctype html><meta charset=utf-8><title>ownlm {html.escape(run_dir.name)}</title>"
-                   f"<style>{style}</style>{''.join(parts)}", encoding="utf-8")
+    out.write_text(
+        f"<!doctype html><meta charset=utf-8><title>ownlm {html.escape(run_dir.name)}</title>"
+        f"<style>{style}</style>{''.join(parts)}",
+        encoding="utf-8",
+    )
     return out
