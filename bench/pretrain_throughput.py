@@ -26,7 +26,7 @@ from ownlm.config import load_recipe
 from ownlm.data.stage import run_data
 from ownlm.models import build_model, flops_per_token
 from ownlm.perf import machine_info, matmul_peak_gflops
-from ownlm.pretrain import run_pretrain
+from ownlm.pretrain import make_optimizer, run_pretrain
 from ownlm.shards import TokenShards
 from ownlm.tokenizer import load_tokenizer, run_tokenizer
 
@@ -43,13 +43,7 @@ def plain_round(recipe, tokenizer, shards: TokenShards) -> list[float]:
     cfg = recipe.pretrain
     model = build_model(recipe.model, tokenizer, seed=recipe.seed)
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-    )
+    opt = make_optimizer(model, cfg)  # the same AdamW: the comparison is about the loop
     accum = cfg.batch_size // cfg.micro_batch_size
     rng = np.random.default_rng(recipe.seed)
     speeds = []

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+
 from conftest import tiny_recipe
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_recipe
 
+from conftest import tiny_recipe
 from ownlm.errors import OwnlmError
 
 
@@ -151,3 +151,18 @@ def test_init_from_continues_a_local_model(tmp_path, trained_run, small_corpus):
     assert json.loads((out / "manifest.json").read_text())["inputs"]["init_from"]
     with pytest.raises(OwnlmError, match="no such model directory"):
         pretrain.run_pretrain(r, init_from=str(tmp_path / "missing"))
+
+
+def test_bf16_autocast_path_runs(tmp_path, small_corpus):
+    """precision: bf16 trains under autocast (on CPU here; on GPUs `auto` picks it)."""
+    from ownlm import pretrain
+    from ownlm.data.stage import run_data
+    from ownlm.tokenizer import run_tokenizer
+
+    r = tiny_recipe(tmp_path, small_corpus, pretrain={"max_steps": 3, "precision": "bf16", "eval_every": 3})
+    run_data(r)
+    run_tokenizer(r)
+    out = pretrain.run_pretrain(r)
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert m["precision"] == "bf16" and m["val_loss"] < 7.0
+    assert "float32" in (out / "config.json").read_text()  # weights stay fp32; only compute is bf16

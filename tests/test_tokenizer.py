@@ -8,7 +8,6 @@ from ownlm.errors import OwnlmError
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, small_corpus):
     from conftest import tiny_recipe
-
     from ownlm.data.stage import run_data
     from ownlm.tokenizer import load_tokenizer, run_tokenizer
 
@@ -76,7 +75,6 @@ def test_chat_template_marks_assistant_tokens(tokenizer):
 
 def test_existing_tokenizer_can_be_swapped_in(tokenizer, tmp_path, small_corpus):
     from conftest import tiny_recipe
-
     from ownlm.data.stage import run_data
     from ownlm.tokenizer import load_tokenizer, run_tokenizer
 

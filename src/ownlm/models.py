@@ -10,11 +10,13 @@ heads into key/value groups. Sparse attention variants are transformers attentio
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from ownlm.artifacts import read_manifest, sha256_file, stage_dir
 from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
 
@@ -118,34 +120,60 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n + attn
 
 
-def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
-    """Load an HF directory or a GGUF file as a causal LM (attention variant from its config).
+def gguf_cache_root() -> Path:
+    return Path(os.environ.get("OWNLM_HOME", Path.home() / ".cache" / "ownlm")) / "gguf"
 
-    A `.gguf` file (or a directory with exactly one) is dequantised by transformers' GGUF loader.
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An HF model directory for `path`: itself, or the cached conversion of a GGUF file.
+
+    Dequantising a GGUF takes tens of seconds on a CPU, so it is done once per file content and
+    kept as a safetensors directory (model + tokenizer) under $OWNLM_HOME/gguf/<sha256>/.
     """
+    p = Path(path)
+    if not p.exists():
+        raise OwnlmError(f"{path}: no such model directory or GGUF file")
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    ggufs = [p] if p.is_file() else sorted(p.glob("*.gguf"))
+    if p.is_file() and p.suffix != ".gguf":
+        raise OwnlmError(f"{path}: a model is an HF directory or a .gguf file")
+    if len(ggufs) != 1:
+        raise OwnlmError(f"{p}: no config.json (not an HF model directory) and not exactly one .gguf file")
+    gguf = ggufs[0]
+    out = gguf_cache_root() / sha256_file(gguf)[:24]
+    if read_manifest(out) is None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise OwnlmError(f"{gguf}: cannot read GGUF: {str(e).splitlines()[0]}") from None
+        with stage_dir(out, "gguf-convert", {"gguf": gguf.name}, {"gguf": out.name}) as w:
+            model.save_pretrained(str(w.tmp))
+            tok.save_pretrained(str(w.tmp))
+            w.metrics = {"params": count_params(model), "source": str(gguf.resolve())}
+    return out
+
+
+def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
+    """Load an HF directory or a GGUF file as a causal LM, with the attention variant its config
+    names (or `variant`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ownlm.attention import attn_implementation
 
-    p = Path(path)
-    if not p.exists():
-        raise OwnlmError(f"{path}: no such model directory or GGUF file")
-    kwargs = {"dtype": dtype or torch.float32}
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise OwnlmError(f"{path}: a model is an HF directory or a .gguf file")
-        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
-    ggufs = sorted(p.glob("*.gguf"))
-    if not (p / "config.json").is_file():
-        if len(ggufs) == 1:
-            return AutoModelForCausalLM.from_pretrained(str(p), gguf_file=ggufs[0].name, **kwargs)
-        raise OwnlmError(f"{p}: no config.json (not an HF model directory)")
+    p = resolve_model_dir(path)
     config = AutoConfig.from_pretrained(str(p))
     chosen = variant or getattr(config, "attention_variant", "dense")
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(p), attn_implementation=attn_implementation(chosen), **kwargs
+            str(p), attn_implementation=attn_implementation(chosen), dtype=dtype or torch.float32
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise OwnlmError(f"{p}: cannot load model: {str(e).splitlines()[0]}") from None
@@ -156,13 +184,6 @@ def load_tokenizer_for(path: str | Path):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    if p.is_file():
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    ggufs = sorted(p.glob("*.gguf"))
-    if (
-        not (p / "tokenizer.json").is_file()
-        and not (p / "tokenizer_config.json").is_file()
-        and len(ggufs) == 1
-    ):
-        return AutoTokenizer.from_pretrained(str(p), gguf_file=ggufs[0].name)
-    return AutoTokenizer.from_pretrained(str(p))
+    if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
+        return AutoTokenizer.from_pretrained(str(p))
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(p)))

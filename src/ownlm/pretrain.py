@@ -96,6 +96,20 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+def make_optimizer(model, cfg: PretrainConfig):
+    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=next(model.parameters()).is_cuda,
+    )
+
+
 # ---------------------------------------------------------------- inputs: tokenizer, shards, model
 
 
@@ -233,14 +247,7 @@ def run_pretrain(
     model.config.use_cache = False
     n_params = count_params(model)
     flops_tok = flops_per_token(model, cfg.seq_len)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        fused=cuda,
-    )
+    optimizer = make_optimizer(model, cfg)
     model, optimizer = acc.prepare(model, optimizer)
 
     sampler = StepSampler(train.n_rows, cfg.batch_size, recipe.seed)
