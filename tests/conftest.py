@@ -55,6 +55,8 @@ def small_corpus(tmp_path_factory) -> Path:
 
 TINY = {
     "data": {"sources": []},
+    # The cleaning steps have their own tests; here one cheap whole-corpus step keeps the stage real.
+    "clean": {"steps": ["exact_dedup"], "workers": 1, "docs_per_shard": 200},
     "tokenizer": {"vocab_size": 512, "train_max_mb": 2},
     "model": {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64},
     "pretrain": {
@@ -92,3 +94,13 @@ def trained_run(tmp_path_factory, small_corpus):
     recipe = tiny_recipe(tmp_path_factory.mktemp("runs"), small_corpus)
     run_recipe(recipe)
     return recipe
+
+
+def prepare_corpus(recipe):
+    """The data and clean stages, as `ownlm run` would run them before the tokenizer."""
+    from ownlm.data.clean import run_clean
+    from ownlm.data.stage import run_data
+
+    run_data(recipe)
+    if recipe.clean.enabled:
+        run_clean(recipe)

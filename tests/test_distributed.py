@@ -28,11 +28,11 @@ def _pretrain(cmd_prefix, recipe_file, cwd):
 
 
 def test_two_processes_give_the_same_losses_as_one(tmp_path, small_corpus):
-    from ownlm.data.stage import run_data
+    from conftest import prepare_corpus
     from ownlm.tokenizer import run_tokenizer
 
     recipe = tiny_recipe(tmp_path / "one", small_corpus, pretrain={"max_steps": 8, "eval_every": 4})
-    run_data(recipe)
+    prepare_corpus(recipe)
     run_tokenizer(recipe)
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     files = {}

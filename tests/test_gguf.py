@@ -25,7 +25,7 @@ def smollm2_gguf():
 def test_gguf_converts_once_and_continues_pretraining(tmp_path, small_corpus, smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
-    from ownlm.data.stage import run_data
+    from conftest import prepare_corpus
     from ownlm.models import resolve_model_dir
     from ownlm.pretrain import run_pretrain
 
@@ -49,7 +49,7 @@ def test_gguf_converts_once_and_continues_pretraining(tmp_path, small_corpus, sm
             "eval_rows": 4,
         },
     )
-    run_data(recipe)
+    prepare_corpus(recipe)
     out = run_pretrain(recipe)
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]

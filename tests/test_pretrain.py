@@ -77,19 +77,19 @@ def test_run_skips_stages_whose_inputs_did_not_change(trained_run):
 
 def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, small_corpus, monkeypatch):
     """Interrupt by SIGINT in the middle of step 7, resume, and compare every step's loss."""
+    from conftest import prepare_corpus
     from ownlm import pretrain
-    from ownlm.data.stage import run_data
     from ownlm.tokenizer import run_tokenizer
 
     straight = tiny_recipe(tmp_path / "a", small_corpus)
     for r in (straight,):
-        run_data(r)
+        prepare_corpus(r)
         run_tokenizer(r)
     pretrain.run_pretrain(straight)
     want = _losses(straight.run_dir)
 
     broken = tiny_recipe(tmp_path / "b", small_corpus)
-    run_data(broken)
+    prepare_corpus(broken)
     run_tokenizer(broken)
     real_lr_at = pretrain.lr_at
 
@@ -111,12 +111,12 @@ def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, small_corpus, mon
 
 
 def test_truncated_checkpoint_is_named(tmp_path, small_corpus, monkeypatch):
+    from conftest import prepare_corpus
     from ownlm import pretrain
-    from ownlm.data.stage import run_data
     from ownlm.tokenizer import run_tokenizer
 
     r = tiny_recipe(tmp_path, small_corpus, pretrain={"max_steps": 6, "checkpoint_every": 2})
-    run_data(r)
+    prepare_corpus(r)
     run_tokenizer(r)
     monkeypatch.setattr(
         pretrain,
@@ -134,8 +134,8 @@ def test_truncated_checkpoint_is_named(tmp_path, small_corpus, monkeypatch):
 
 
 def test_init_from_continues_a_local_model(tmp_path, trained_run, small_corpus):
+    from conftest import prepare_corpus
     from ownlm import pretrain
-    from ownlm.data.stage import run_data
 
     base = trained_run.run_dir / "pretrain"
     r = tiny_recipe(
@@ -143,7 +143,7 @@ def test_init_from_continues_a_local_model(tmp_path, trained_run, small_corpus):
         small_corpus,
         pretrain={"max_steps": 3, "init_from": str(base), "warmup_steps": 0, "lr": 1e-4, "eval_every": 3},
     )
-    run_data(r)
+    prepare_corpus(r)
     out = pretrain.run_pretrain(r)
     first = _losses(r.run_dir)[1]
     scratch = _losses(trained_run.run_dir)[1]
@@ -155,12 +155,12 @@ def test_init_from_continues_a_local_model(tmp_path, trained_run, small_corpus):
 
 def test_bf16_autocast_path_runs(tmp_path, small_corpus):
     """precision: bf16 trains under autocast (on CPU here; on GPUs `auto` picks it)."""
+    from conftest import prepare_corpus
     from ownlm import pretrain
-    from ownlm.data.stage import run_data
     from ownlm.tokenizer import run_tokenizer
 
     r = tiny_recipe(tmp_path, small_corpus, pretrain={"max_steps": 3, "precision": "bf16", "eval_every": 3})
-    run_data(r)
+    prepare_corpus(r)
     run_tokenizer(r)
     out = pretrain.run_pretrain(r)
     m = json.loads((out / "manifest.json").read_text())["metrics"]

@@ -26,22 +26,36 @@ def test_rows_are_bos_aligned_and_lose_no_token(shards, trained_run):
     for split in (train, val):
         rows = split.rows(np.arange(split.n_rows))
         assert (rows[:, 0] == tok.bos_token_id).all()
-    # Every document's tokens appear in order: the packed stream minus the BOS tokens added to
-    # continuations equals the documents' own tokens (up to the dropped last partial row).
+    # Within each domain, every document's tokens appear in order: the packed stream minus the BOS
+    # tokens added to continuations equals the documents' own tokens (up to the dropped last row).
     from ownlm.data.records import iter_corpus
 
     docs = [r for r in iter_corpus(trained_run.run_dir / "data") if not is_heldout(r["id"], 0.05)]
-    want = [t for r in docs for t in tok(r["text"])["input_ids"]]
-    stream = train.rows(np.arange(train.n_rows)).reshape(-1).tolist()
-    assert stream[0] == want[0] == tok.bos_token_id
-    rebuilt, w = [], 0
-    for t in stream:  # skip BOS tokens that the packer inserted at row starts of continuations
-        if t == want[w]:
-            rebuilt.append(t)
-            w += 1
-        else:
-            assert t == tok.bos_token_id
-    assert rebuilt == want[: len(rebuilt)] and len(want) - len(rebuilt) < 33
+    assert set(train.domain_ranges) == {"code", "docs"}
+    for domain, (lo, hi) in train.domain_ranges.items():
+        want = [t for r in docs if r["meta"]["domain"] == domain for t in tok(r["text"])["input_ids"]]
+        stream = train.rows(np.arange(lo, hi)).reshape(-1).tolist()
+        assert stream[0] == want[0] == tok.bos_token_id
+        rebuilt, w = [], 0
+        for t in stream:  # skip BOS tokens that the packer inserted at row starts of continuations
+            if t == want[w]:
+                rebuilt.append(t)
+                w += 1
+            else:
+                assert t == tok.bos_token_id
+        assert rebuilt == want[: len(rebuilt)] and len(want) - len(rebuilt) < 33
+
+
+def test_mixture_sampler_follows_the_weights():
+    ranges = {"a": (0, 100), "b": (100, 110)}
+    s = StepSampler(n_rows=110, global_batch=64, seed=1, domain_ranges=ranges, weights={"a": 0.5, "b": 0.5})
+    rows = np.concatenate([s.global_rows(k) for k in range(50)])
+    share_b = float(np.mean(rows >= 100))
+    assert 0.45 < share_b < 0.55  # b is 9% of the rows but gets half the samples
+    assert (s.global_rows(7) == s.global_rows(7)).all()  # a pure function of the step
+    one = np.concatenate([s.micro_rows(3, m, 0, 1, 32) for m in range(2)])
+    two = np.concatenate([s.micro_rows(3, 0, r, 2, 32) for r in range(2)])
+    assert (one == two).all()
 
 
 def test_heldout_split_is_stable_and_close_to_fraction():

@@ -7,12 +7,11 @@ from ownlm.errors import OwnlmError
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory, small_corpus):
-    from conftest import tiny_recipe
-    from ownlm.data.stage import run_data
+    from conftest import prepare_corpus, tiny_recipe
     from ownlm.tokenizer import load_tokenizer, run_tokenizer
 
     recipe = tiny_recipe(tmp_path_factory.mktemp("runs"), small_corpus)
-    run_data(recipe)
+    prepare_corpus(recipe)
     return load_tokenizer(run_tokenizer(recipe))
 
 
@@ -74,14 +73,13 @@ def test_chat_template_marks_assistant_tokens(tokenizer):
 
 
 def test_existing_tokenizer_can_be_swapped_in(tokenizer, tmp_path, small_corpus):
-    from conftest import tiny_recipe
-    from ownlm.data.stage import run_data
+    from conftest import prepare_corpus, tiny_recipe
     from ownlm.tokenizer import load_tokenizer, run_tokenizer
 
     src = tmp_path / "bigger"
     tokenizer.save_pretrained(src)
     recipe = tiny_recipe(tmp_path / "runs", small_corpus, tokenizer={"path": str(src)})
-    run_data(recipe)
+    prepare_corpus(recipe)
     swapped = load_tokenizer(run_tokenizer(recipe))
     assert swapped.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(OwnlmError, match="no tokenizer.json"):

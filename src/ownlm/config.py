@@ -26,6 +26,7 @@ class StrictModel(BaseModel):
 
 def _stage_types() -> dict[str, type[StrictModel]]:
     # Imported here so `ownlm --help` does not pay for torch/transformers.
+    from ownlm.data.clean import CleanConfig
     from ownlm.data.stage import DataConfig
     from ownlm.models import ModelConfig
     from ownlm.pretrain import PretrainConfig
@@ -33,6 +34,7 @@ def _stage_types() -> dict[str, type[StrictModel]]:
 
     return {
         "data": DataConfig,
+        "clean": CleanConfig,
         "tokenizer": TokenizerConfig,
         "model": ModelConfig,
         "pretrain": PretrainConfig,

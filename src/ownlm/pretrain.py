@@ -34,6 +34,7 @@ from ownlm.artifacts import (
     write_json_atomic,
 )
 from ownlm.config import StrictModel
+from ownlm.data.clean import corpus_dir
 from ownlm.errors import OwnlmError
 from ownlm.monitors import LossMonitor
 from ownlm.progress import bar, console
@@ -71,6 +72,9 @@ class PretrainConfig(StrictModel):
         0.05, gt=0, description="Warn when detrended loss std / mean exceeds this."
     )
     spike_factor: float = Field(3.0, gt=1, description="Stop when loss exceeds this × the window median.")
+    use_mixture: bool = Field(
+        True, description="Draw domains at the clean stage's mixture weights (false: as the corpus is)."
+    )
     init_from: str | None = Field(
         None, description="Continue pretraining this HF model directory or GGUF file."
     )
@@ -126,8 +130,8 @@ def ensure_shards(recipe, tokenizer, tokenizer_hash: str) -> Path:
     from ownlm.shards import build_shards
 
     cfg = recipe.pretrain
-    corpus = recipe.run_dir / "data"
-    require_artifact(corpus, "data")
+    corpus = corpus_dir(recipe)
+    require_artifact(corpus, corpus.name)
     out = recipe.run_dir / "shards"
     config = {"seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction}
     inputs = {"corpus": artifact_hash(corpus), "tokenizer": tokenizer_hash}
@@ -184,6 +188,7 @@ def run_pretrain(
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
 
     from ownlm.models import build_model, count_params, flops_per_token, load_model, load_tokenizer_for
     from ownlm.perf import matmul_peak_gflops
@@ -197,7 +202,7 @@ def run_pretrain(
     out, work = recipe.run_dir / "pretrain", recipe.run_dir / "pretrain.work"
     tok_src = _tokenizer_source(recipe, init_from)
     tok_hash = sha256_tree(tok_src) if init_from else artifact_hash(tok_src)
-    inputs = {"corpus": artifact_hash(recipe.run_dir / "data"), "tokenizer": tok_hash}
+    inputs = {"corpus": artifact_hash(corpus_dir(recipe)), "tokenizer": tok_hash}
     if init_from:
         inputs["init_from"] = tok_hash
     config = {
@@ -213,6 +218,9 @@ def run_pretrain(
 
     cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    # accelerate keeps one global state per process; a second run in the same process (tests,
+    # benchmarks, notebooks) may ask for other settings, so start each run from a clean one.
+    AcceleratorState._reset_state()
     world = PartialState(cpu=not cuda).num_processes
     accum, rem = divmod(cfg.batch_size, cfg.micro_batch_size * world)
     if accum == 0 or rem:
@@ -250,7 +258,11 @@ def run_pretrain(
     optimizer = make_optimizer(model, cfg)
     model, optimizer = acc.prepare(model, optimizer)
 
-    sampler = StepSampler(train.n_rows, cfg.batch_size, recipe.seed)
+    mixture_file = corpus_dir(recipe) / "mixture.json"
+    weights = None
+    if cfg.use_mixture and mixture_file.is_file():
+        weights = json.loads(mixture_file.read_text(encoding="utf-8"))["weights"]
+    sampler = StepSampler(train.n_rows, cfg.batch_size, recipe.seed, train.domain_ranges, weights)
     eval_idx = val_rows(val.n_rows, cfg.eval_rows)
     byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
     monitor = LossMonitor(cfg.fluctuation_window, cfg.max_fluctuation, cfg.spike_factor)
@@ -355,6 +367,9 @@ def run_pretrain(
             f"global batch {cfg.batch_size} = {world} proc × {accum} accum × {cfg.micro_batch_size}, "
             f"{'bf16' if bf16 else 'fp32'}, matmul peak {peak:.0f} GFLOP/s"
         )
+        if sampler.mixture:
+            shares = ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items()) if d in train.domain_ranges)
+            console.print(f"pretrain: domain mixture {shares}")
     model.train()
     last: dict[str, float] = {}
     try:

@@ -14,11 +14,14 @@ from ownlm.progress import console
 
 
 def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
+    from ownlm.data.clean import run_clean
     from ownlm.data.stage import run_data
     from ownlm.pretrain import run_pretrain
     from ownlm.tokenizer import run_tokenizer
 
     stages = [("data", lambda: run_data(recipe, force=force))]
+    if recipe.clean.enabled:
+        stages.append(("clean", lambda: run_clean(recipe, force=force)))
     if not recipe.pretrain.init_from:
         stages.append(("tokenizer", lambda: run_tokenizer(recipe, force=force)))
     stages.append(("pretrain", lambda: run_pretrain(recipe, force=force)))

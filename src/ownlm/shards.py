@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -85,7 +86,16 @@ def build_shards(
     if bos is None:
         raise OwnlmError("tokenizer has no BOS token: pretraining rows need one")
     dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
-    writers = {s: _RowWriter(out_dir, s, seq_len + 1, bos, dtype, rows_per_shard) for s in ("train", "val")}
+    # Rows never mix domains, so the loader can draw each domain at its mixture weight.
+    writers: dict[tuple[str, str], _RowWriter] = {}
+
+    def writer(split: str, domain: str) -> _RowWriter:
+        key = (split, domain)
+        if key not in writers:
+            slug = re.sub(r"[^A-Za-z0-9_-]+", "_", domain) or "_"
+            writers[key] = _RowWriter(out_dir, f"{split}-{slug}", seq_len + 1, bos, dtype, rows_per_shard)
+        return writers[key]
+
     counts = {
         "train": np.zeros(len(tokenizer), dtype=np.int64),
         "val": np.zeros(len(tokenizer), dtype=np.int64),
@@ -109,16 +119,29 @@ def build_shards(
             if ids[0] != bos:
                 ids = [bos, *ids]
             split = "val" if is_heldout(rec["id"], val_fraction) else "train"
-            writers[split].add(ids)
+            writer(split, rec.get("meta", {}).get("domain", "default")).add(ids)
             counts[split] += np.bincount(ids, minlength=len(tokenizer))
             docs[split] += 1
         if progress is not None:
             progress(sum(len(r["text"]) for r in batch))
     for w in writers.values():
         w.flush()  # a last partial row is dropped: rows must be full for packing
-    if writers["train"].n_rows == 0:
+    splits = {}
+    for split in ("train", "val"):
+        domains = {
+            d: {"files": w.files, "rows": w.n_rows}
+            for (sp, d), w in sorted(writers.items())
+            if sp == split and w.n_rows
+        }
+        splits[split] = {
+            "files": [f for d in domains.values() for f in d["files"]],
+            "rows": sum(d["rows"] for d in domains.values()),
+            "documents": docs[split],
+            "domains": domains,
+        }
+    if splits["train"]["rows"] == 0:
         raise OwnlmError(f"{corpus_dir}: corpus too small for even one training row of {seq_len + 1} tokens")
-    if writers["val"].n_rows == 0:
+    if splits["val"]["rows"] == 0:
         raise OwnlmError(
             f"{corpus_dir}: no held-out row (val_fraction {val_fraction} of {sum(docs.values())} documents); "
             "raise pretrain.val_fraction or add data"
@@ -127,7 +150,7 @@ def build_shards(
         "seq_len": seq_len,
         "dtype": np.dtype(dtype).name,
         "vocab_size": len(tokenizer),
-        "splits": {s: {"files": w.files, "rows": w.n_rows, "documents": docs[s]} for s, w in writers.items()},
+        "splits": splits,
         "tokens": {s: int(c.sum()) for s, c in counts.items()},
         "unigram_val_bpb": unigram_bits_per_byte(
             counts["train"], counts["val"], token_byte_lengths(tokenizer)
@@ -165,6 +188,12 @@ class TokenShards:
             self.maps.append(mm.reshape(-1, self.row_len))
         self.offsets = np.cumsum([0] + [m.shape[0] for m in self.maps])
         self.n_rows = int(self.offsets[-1])
+        # Files are listed domain by domain, so each domain is one contiguous range of rows.
+        self.domain_ranges: dict[str, tuple[int, int]] = {}
+        start = 0
+        for domain, d in info.get("domains", {}).items():
+            self.domain_ranges[domain] = (start, start + d["rows"])
+            start += d["rows"]
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), self.row_len), dtype=np.int64)
@@ -177,18 +206,42 @@ class TokenShards:
 class StepSampler:
     """Rows of the global batch for optimizer step `step`, then this process's micro-batch slice.
 
+    Without weights: a seeded permutation per epoch (every row once per epoch). With domain
+    weights: each step draws its rows' domains from the mixture and rows uniformly within each
+    domain (with replacement across steps: small domains repeat, large ones are subsampled), from
+    an RNG seeded by (seed, step). Either way the rows are a pure function of the step.
+
     Micro-batch `m` of rank `r` is slice `m * world + r` of the global batch, so one process with
     accumulation 2 and two processes with accumulation 1 see exactly the same rows per step.
     """
 
-    def __init__(self, n_rows: int, global_batch: int, seed: int):
+    def __init__(
+        self,
+        n_rows: int,
+        global_batch: int,
+        seed: int,
+        domain_ranges: dict[str, tuple[int, int]] | None = None,
+        weights: dict[str, float] | None = None,
+    ):
         self.n_rows, self.global_batch, self.seed = n_rows, global_batch, seed
+        self.mixture: list[tuple[tuple[int, int], float]] = []
+        if weights and domain_ranges:
+            usable = {d: w for d, w in weights.items() if d in domain_ranges and w > 0}
+            total = sum(usable.values())
+            self.mixture = [(domain_ranges[d], w / total) for d, w in sorted(usable.items())] if total else []
 
     @lru_cache(maxsize=4)  # noqa: B019  (a handful of epochs alive at once; the sampler lives for the run)
     def _perm(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
 
     def global_rows(self, step: int) -> np.ndarray:
+        if self.mixture:
+            rng = np.random.default_rng([self.seed, 1_000_003, step])
+            counts = rng.multinomial(self.global_batch, [w for _, w in self.mixture])
+            rows = np.concatenate(
+                [rng.integers(lo, hi, n) for ((lo, hi), _), n in zip(self.mixture, counts, strict=True)]
+            )
+            return rows[rng.permutation(len(rows))]
         pos = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
         epochs, within = pos // self.n_rows, pos % self.n_rows
         return np.array([self._perm(int(e))[i] for e, i in zip(epochs, within, strict=True)])

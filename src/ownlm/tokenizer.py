@@ -138,13 +138,15 @@ def run_tokenizer(recipe, force: bool = False) -> Path:
     """The `tokenizer` stage: runs/<run>/tokenizer/ (trained, or copied from `tokenizer.path`)."""
     cfg: TokenizerConfig = recipe.tokenizer
     out = recipe.run_dir / "tokenizer"
-    corpus = recipe.run_dir / "data"
+    from ownlm.data.clean import corpus_dir
+
+    corpus = corpus_dir(recipe)
     if cfg.path:
         src = Path(cfg.path)
         load_tokenizer(src)  # fail early, naming the directory
         inputs = {"tokenizer": sha256_tree(src)}
     else:
-        require_artifact(corpus, "data")
+        require_artifact(corpus, corpus.name)
         inputs = {"corpus": artifact_hash(corpus)}
     config = cfg.model_dump()
     if not force and is_up_to_date(out, config, inputs):

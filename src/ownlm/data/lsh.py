@@ -1,0 +1,185 @@
+"""Banded-bucket deduplication at corpus scale: shuffle by key, verify pairs, connected components.
+
+The map side gives every document some band keys (LSH bands of a MinHash signature, blocks of a
+SimHash fingerprint, or a content hash) and a signature to verify candidate pairs with. Documents
+are addressed by `gidx = shard << 32 | position`, so no task needs the ids of the whole corpus.
+
+- local executor: each shard's keys are split into `n_buckets` files by key; one task per bucket
+  finds the documents that share a key, verifies them against memory-mapped signatures and writes
+  the verified edges; connected components are then found by union-find over the edges only,
+  whose number grows with the duplicates, not with the corpus.
+- dask executor: the keys form a `dask.dataframe` that is shuffled on the key (the group-by),
+  partitions yield verified edges, and components come from distributed min-label propagation.
+
+Both keep, in each cluster, the document with the smallest `gidx` (first shard, first position),
+so both executors drop exactly the same documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SHARD_SHIFT = 32
+# Above this many documents behind one key, pair each member with its neighbour and the first
+# member instead of with every other member: connectivity survives, quadratic blow-up does not.
+MAX_ALL_PAIRS = 64
+
+Verifier = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sig rows a, sig rows b) -> bool mask
+
+
+def gidx(shard: int, n: int) -> np.ndarray:
+    return (np.int64(shard) << SHARD_SHIFT) | np.arange(n, dtype=np.int64)
+
+
+def group_pairs(keys: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Candidate pairs (a < b) among members sharing a key. Both arrays are 1-D and aligned."""
+    order = np.lexsort((members, keys))
+    keys, members = keys[order], members[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    pairs: list[np.ndarray] = []
+    for s, e in zip(starts, ends, strict=True):
+        m = np.unique(members[s:e])
+        if len(m) < 2:
+            continue
+        if len(m) <= MAX_ALL_PAIRS:
+            i, j = np.triu_indices(len(m), 1)
+            pairs.append(np.stack([m[i], m[j]], 1))
+        else:
+            pairs.append(np.stack([m[:-1], m[1:]], 1))
+            pairs.append(np.stack([np.full(len(m) - 2, m[0]), m[2:]], 1))
+    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+
+
+class SignatureStore:
+    """Memory-mapped per-shard signature matrices, read row by row by gidx."""
+
+    def __init__(self, sig_dir: Path):
+        self.sig_dir = Path(sig_dir)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def rows(self, g: np.ndarray) -> np.ndarray:
+        shard, pos = g >> SHARD_SHIFT, g & ((1 << SHARD_SHIFT) - 1)
+        out = None
+        for s in np.unique(shard):
+            mm = self._maps.get(int(s))
+            if mm is None:
+                mm = self._maps[int(s)] = np.load(self.sig_dir / f"{int(s):05d}.sig.npy", mmap_mode="r")
+            sel = shard == s
+            block = np.asarray(mm[pos[sel]])
+            if out is None:
+                out = np.empty((len(g), *block.shape[1:]), dtype=block.dtype)
+            out[sel] = block
+        return out if out is not None else np.zeros((0,))
+
+
+def verified(pairs: np.ndarray, store: SignatureStore, verify: Verifier) -> np.ndarray:
+    if len(pairs) == 0:
+        return pairs
+    ok = verify(store.rows(pairs[:, 0]), store.rows(pairs[:, 1]))
+    return pairs[ok]
+
+
+# ---------------------------------------------------------------------------------------- local
+
+
+def write_buckets(keys: np.ndarray, shard: int, bucket_dir: Path, n_buckets: int) -> None:
+    """Split one shard's (n_docs, n_bands) keys into per-bucket files of (key, gidx)."""
+    n, bands = keys.shape
+    flat_keys = keys.reshape(-1).astype(np.uint64)
+    flat_g = np.repeat(gidx(shard, n), bands)
+    bucket = (flat_keys % np.uint64(n_buckets)).astype(np.int64)
+    for b in range(n_buckets):
+        sel = bucket == b
+        np.save(
+            bucket_dir / f"{b:04d}-{shard:05d}.npy", np.stack([flat_keys[sel].view(np.int64), flat_g[sel]])
+        )
+
+
+def bucket_edges(bucket: int, bucket_dir: Path, sig_dir: Path, verify: Verifier) -> np.ndarray:
+    parts = [np.load(p) for p in sorted(bucket_dir.glob(f"{bucket:04d}-*.npy"))]
+    if not parts:
+        return np.zeros((0, 2), np.int64)
+    kg = np.concatenate(parts, axis=1)
+    return verified(group_pairs(kg[0], kg[1]), SignatureStore(sig_dir), verify)
+
+
+def union_find_labels(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes, label) where label is the smallest gidx of the node's component."""
+    if len(edges) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nodes, inv = np.unique(edges, return_inverse=True)
+    inv = inv.reshape(-1, 2)
+    parent = np.arange(len(nodes))
+
+    def find(x: int) -> int:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in inv:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # nodes are sorted: the smaller index is the smaller gidx
+    roots = np.array([find(i) for i in range(len(nodes))])
+    return nodes, nodes[roots]
+
+
+# ----------------------------------------------------------------------------------------- dask
+
+
+def dask_labels(
+    key_files: list[Path], sig_dir: Path, verify: Verifier, n_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle (key, gidx) rows on the key across the cluster, verify pairs per partition, then
+    label components by min-label propagation; returns (nodes, label) of duplicated documents."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+
+    def load(path: str, shard: int) -> pd.DataFrame:
+        keys = np.load(path)
+        n, bands = keys.shape
+        return pd.DataFrame(
+            {"key": keys.reshape(-1).astype(np.uint64).view(np.int64), "g": np.repeat(gidx(shard, n), bands)}
+        )
+
+    meta = pd.DataFrame({"key": np.zeros(0, np.int64), "g": np.zeros(0, np.int64)})
+    frames = [dask.delayed(load)(str(p), k) for k, p in enumerate(key_files)]
+    keyed = dd.from_delayed(frames, meta=meta).shuffle(on="key", npartitions=n_partitions)
+
+    def edges_of(part: pd.DataFrame) -> pd.DataFrame:
+        e = verified(
+            group_pairs(part["key"].to_numpy(), part["g"].to_numpy()), SignatureStore(sig_dir), verify
+        )
+        return (
+            pd.DataFrame({"u": e[:, 0], "v": e[:, 1]})
+            if len(e)
+            else pd.DataFrame({"u": [], "v": []}, dtype=np.int64)
+        )
+
+    edge_meta = pd.DataFrame({"u": np.zeros(0, np.int64), "v": np.zeros(0, np.int64)})
+    edges = keyed.map_partitions(edges_of, meta=edge_meta).drop_duplicates().persist()
+    both = dd.concat([edges.rename(columns={"u": "a", "v": "b"}), edges.rename(columns={"v": "a", "u": "b"})])
+    labels = both.groupby("a")["b"].min().to_frame("label")
+    labels["label"] = labels["label"].where(
+        labels["label"] < labels.index.to_series(), labels.index.to_series()
+    )
+    labels = labels.persist()
+    while True:  # each pass lowers a node's label to its neighbours' smallest label
+        nbr = both.merge(labels, left_on="b", right_index=True).groupby("a")["label"].min().to_frame("nbr")
+        new = labels.join(nbr, how="left")
+        new["label"] = new[["label", "nbr"]].min(axis=1).astype(np.int64)
+        new = new[["label"]].persist()
+        changed = int((new["label"] != labels["label"]).sum().compute())
+        labels = new
+        if changed == 0:
+            break
+    result = labels.compute().sort_index()
+    return result.index.to_numpy(np.int64), result["label"].to_numpy(np.int64)
