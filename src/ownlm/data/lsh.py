@@ -167,17 +167,30 @@ def dask_labels(
     edge_meta = pd.DataFrame({"u": np.zeros(0, np.int64), "v": np.zeros(0, np.int64)})
     edges = keyed.map_partitions(edges_of, meta=edge_meta).drop_duplicates().persist()
     both = dd.concat([edges.rename(columns={"u": "a", "v": "b"}), edges.rename(columns={"v": "a", "u": "b"})])
-    labels = both.groupby("a")["b"].min().to_frame("label")
-    labels["label"] = labels["label"].where(
-        labels["label"] < labels.index.to_series(), labels.index.to_series()
+
+    def lower(df: pd.DataFrame) -> pd.DataFrame:
+        nbr = df["nbr"].fillna(df["label"]).astype(np.int64)
+        return pd.DataFrame(
+            {"label": np.minimum(df["label"].to_numpy(np.int64), nbr.to_numpy())}, index=df.index
+        )
+
+    label_meta = pd.DataFrame({"label": np.zeros(0, np.int64)})
+    first = both.groupby("a")["b"].min().to_frame("nbr")
+    labels = first.map_partitions(
+        lambda df: lower(df.assign(label=df.index.to_numpy(np.int64))), meta=label_meta
     )
     labels = labels.persist()
     while True:  # each pass lowers a node's label to its neighbours' smallest label
         nbr = both.merge(labels, left_on="b", right_index=True).groupby("a")["label"].min().to_frame("nbr")
-        new = labels.join(nbr, how="left")
-        new["label"] = new[["label", "nbr"]].min(axis=1).astype(np.int64)
-        new = new[["label"]].persist()
-        changed = int((new["label"] != labels["label"]).sum().compute())
+        new = labels.join(nbr, how="left").map_partitions(lower, meta=label_meta).persist()
+        both_labels = new.join(labels.rename(columns={"label": "old"}))
+        changed = int(
+            both_labels.map_partitions(
+                lambda df: pd.Series([int((df["label"] != df["old"]).sum())]), meta=(None, np.int64)
+            )
+            .sum()
+            .compute()
+        )
         labels = new
         if changed == 0:
             break
