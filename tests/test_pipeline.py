@@ -9,12 +9,18 @@ from ownlm.data.pipeline import DocStep, LocalExecutor, run_pipeline
 from ownlm.data.records import iter_jsonl, write_jsonl
 from ownlm.data.steps import ExactDedup, MinHashConfig, MinHashDedup
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-         "between curious otters and patient herons near the old river mill at dawn").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+    "between curious otters and patient herons near the old river mill at dawn"
+).split()
 
 
 def _doc(i: int, words: list[str], domain: str = "prose") -> dict:
-    return {"id": f"d{i}", "text": " ".join(words), "meta": {"domain": domain, "source": "t", "license": "CC0"}}
+    return {
+        "id": f"d{i}",
+        "text": " ".join(words),
+        "meta": {"domain": domain, "source": "t", "license": "CC0"},
+    }
 
 
 def make_corpus(tmp_path: Path, n: int = 120, shards: int = 4) -> list[Path]:
@@ -145,7 +151,9 @@ def test_a_killed_dask_worker_loses_nothing(tmp_path):
     ref, _ = run_pipeline(_steps(), shards, tmp_path / "ref", LocalExecutor(1))
     ex = DaskExecutor(workers=2)
     try:
-        out, stats = run_pipeline([KillWorkerOnce(tmp_path / "flag"), *_steps()], shards, tmp_path / "dask", ex)
+        out, stats = run_pipeline(
+            [KillWorkerOnce(tmp_path / "flag"), *_steps()], shards, tmp_path / "dask", ex
+        )
     finally:
         ex.close()
     assert (tmp_path / "flag").read_text() == "killed"

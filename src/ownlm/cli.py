@@ -80,6 +80,15 @@ def data_build(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt =
     print(run_data(_recipe(recipe, ctx), force=force))
 
 
+@data_app.command("clean", context_settings=OVERRIDES)
+@user_errors
+def data_clean(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """The clean stage: normalise, deduplicate, filter and balance runs/<run>/data/ into runs/<run>/clean/."""
+    from ownlm.data.clean import run_clean
+
+    print(run_clean(_recipe(recipe, ctx), force=force))
+
+
 @app.command(context_settings=OVERRIDES)
 @user_errors
 def tokenizer(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:

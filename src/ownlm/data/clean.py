@@ -19,6 +19,7 @@ from pydantic import Field
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
 from ownlm.config import StrictModel
 from ownlm.data.mixture import DomainCounter, MixtureConfig, summarize
+from ownlm.data.perplexity import PerplexityConfig
 from ownlm.data.pipeline import make_executor, run_pipeline
 from ownlm.data.quality import QualityConfig
 from ownlm.data.records import iter_jsonl, write_jsonl
@@ -57,16 +58,20 @@ class CleanConfig(StrictModel):
         2000, ge=1, description="Documents per shard: the unit of work and of resume."
     )
     max_doc_chars: int = Field(2_000_000, ge=1, description="Longer documents are dropped as too_long.")
+    keep_boilerplate_lines_in: list[str] = Field(
+        default_factory=lambda: ["code", "dialogue"],
+        description="Domains whose lines are never removed as boilerplate (licence headers, chat turns).",
+    )
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
     simhash: SimHashConfig = Field(default_factory=SimHashConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
-    perplexity: dict = Field(default_factory=dict, description="PerplexityConfig fields.")
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
 
 
 def build_steps(cfg: CleanConfig) -> list:
     makers = {
-        "normalize": lambda: NormalizeStep(cfg.max_doc_chars),
+        "normalize": lambda: NormalizeStep(cfg.max_doc_chars, cfg.keep_boilerplate_lines_in),
         "exact_dedup": ExactDedup,
         "quality": lambda: QualityStep(cfg.quality),
         "pii": PiiStep,

@@ -38,9 +38,11 @@ def _steps_png(per_step: dict, out: Path) -> Path:
 
 
 def _clusters_png(work: Path, out: Path) -> Path | None:
-    files = sorted(work.glob("global_*/clusters.json"))
+    files = [
+        f for f in sorted(work.glob("global_*/clusters.json")) if json.loads(f.read_text())["size_histogram"]
+    ]
     if not files:
-        return None
+        return None  # no duplicates anywhere: nothing to draw
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
     for f in files:

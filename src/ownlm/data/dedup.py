@@ -1,24 +1,23 @@
 """Near-duplicate detection cores: shingles, MinHash-LSH, SimHash, union-find clustering.
 
-The seed's "SimHash" sketch was an exact-hash set: it only catches byte-identical documents. Web-scale
-corpora are full of near copies (boilerplate edits, crops, mirrored pages) that waste compute and
-encourage memorisation, and comparing all pairs is O(n²). These functions find them sub-quadratically:
-MinHash signatures estimate Jaccard similarity of word n-gram sets, LSH banding turns "similar" into
-"shares a bucket", and SimHash fingerprints with a pigeonhole block index find small Hamming distances.
+The seed's "SimHash" sketch was an exact-hash set: it only catches byte-identical documents, while
+corpora are full of near copies (edits, crops, mirrors) that waste compute and encourage memorisation,
+and comparing all pairs is O(n²). MinHash signatures estimate the Jaccard similarity of word n-gram
+sets and LSH banding turns "similar" into "shares a bucket"; SimHash fingerprints with a pigeonhole
+block index find small Hamming distances. Neither compares all pairs.
 
-Everything is a pure function of its inputs on plain numpy arrays (no global state, no Python
-`hash()`, which is salted per process), so phases can run on different workers and agree bit for bit:
-    shingle_hashes → minhash_signatures → band_keys ─(shuffle by key)→ candidate_pairs_from_keys
-    → verify_pairs ─(collect)→ clusters → duplicates_to_drop
-Hashes are stable across processes and machines for the same Python (its Unicode tables define
-which characters are word characters) and numpy ≥ 2.
+Pure functions on numpy arrays (no global state, no per-process-salted `hash()`), so phases can run
+on different workers and agree bit for bit (given one Python version: its Unicode tables define word
+characters): minhash_signatures → band_keys ─shuffle by key→ candidate_pairs_from_keys → verify_pairs
+─collect→ clusters → duplicates_to_drop.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -57,9 +56,7 @@ def _word_chars() -> np.ndarray:
 
 
 def tokenize(text: str) -> list[str]:
-    """The word rule, for reference: `re.findall(r"\\w+", NFC(text).lower())` (vectorised below)."""
-    import re
-
+    """The word rule (shingle_hashes vectorises it): runs of `\\w` in the NFC-normalised, lowercased text."""
     return re.findall(r"\w+", unicodedata.normalize("NFC", text).lower())
 
 
@@ -80,11 +77,9 @@ def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shingle_hashes(texts: Sequence[str], ngram: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
-    """Word n-gram shingles of each text as uint64 hashes, ragged: doc i owns hashes[offsets[i]:offsets[i+1]].
-
-    A document shorter than `ngram` words gets one shingle of all its words (an empty document gets
-    the empty shingle, so every doc has ≥ 1: segment reductions need non-empty segments).
-    Repeated shingles are kept (MinHash ignores them; SimHash weights by them)."""
+    """uint64 hashes of each text's word n-grams, ragged: doc i owns hashes[offsets[i]:offsets[i+1]].
+    A doc shorter than `ngram` words gets one shingle of all its words (an empty doc, the empty one:
+    segment reductions need ≥ 1 per doc). Repeats are kept (MinHash ignores them, SimHash counts them)."""
     words, wofs = _word_hashes(texts)
     counts = np.diff(wofs)
     per_doc = np.maximum(counts - ngram + 1, 1)
@@ -99,11 +94,9 @@ def shingle_hashes(texts: Sequence[str], ngram: int = NGRAM) -> tuple[np.ndarray
         doc_end = np.repeat(wofs[1:], counts)[: len(acc)]  # the end of each word's doc
         valid = np.arange(len(acc)) + ngram <= doc_end
         out[np.repeat(long_docs, per_doc)] = acc[valid]
-    for d in np.flatnonzero(~long_docs):  # rare: fewer than n words
-        acc1 = np.zeros(1, dtype=_U64)
-        for w in words[wofs[d] : wofs[d + 1]]:
-            acc1 = acc1 * _U64(_K) + w
-        out[offsets[d]] = acc1[0]
+    for d in np.flatnonzero(~long_docs).tolist():  # rare: fewer than n words, the same Horner rule
+        ws = words[wofs[d] : wofs[d + 1]].tolist()
+        out[offsets[d]] = functools.reduce(lambda h, w: (h * _K + w) % 2**64, ws, 0)
     return _fmix64(out ^ _U64(ngram)), offsets
 
 
@@ -115,42 +108,54 @@ def shingle_set(text: str, ngram: int = NGRAM) -> np.ndarray:
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Jaccard similarity of two sorted unique hash arrays (1.0 for two empty sets)."""
     inter = len(np.intersect1d(a, b, assume_unique=True))
-    union = len(a) + len(b) - inter
-    return inter / union if union else 1.0
+    return inter / (len(a) + len(b) - inter) if len(a) + len(b) else 1.0
 
 
 def _splitmix64(seed: int, n: int) -> np.ndarray:
     # Permutation parameters from a fixed integer recipe, not numpy's RNG: its streams may change
     # between numpy versions, and workers must agree on the permutations.
-    z = (np.arange(1, n + 1, dtype=_U64) + _U64(seed & (2**64 - 1))) * _U64(0x9E3779B97F4A7C15)
+    z = np.arange(1, n + 1, dtype=_U64) * _U64(0x9E3779B97F4A7C15) + _U64(seed % 2**64)  # splitmix64
     z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
     return z ^ (z >> _U64(31))
 
 
-def _batches(n: int, size: int) -> Iterable[slice]:
-    return (slice(i, min(i + size, n)) for i in range(0, n, size))
+def _batches(texts: Sequence[str], max_docs: int, max_chars: int = 1 << 20) -> Iterator[slice]:
+    """Runs of ≤ max_docs docs and ~≤ max_chars characters (≥ 1 doc): shingling holds ~40 B a character."""
+    start = chars = 0
+    for i, t in enumerate(texts):
+        if i > start and (i - start == max_docs or chars + len(t) > max_chars):
+            yield slice(start, i)
+            start, chars = i, 0
+        chars += len(t)
+    if start < len(texts):
+        yield slice(start, len(texts))
 
 
 def minhash_signatures(
-    texts: Sequence[str], num_perm: int = NUM_PERM, ngram: int = NGRAM, seed: int = 0, batch_size: int = 64
+    texts: Sequence[str], num_perm: int = NUM_PERM, ngram: int = NGRAM, seed: int = 0, batch_size: int = 256
 ) -> np.ndarray:
-    """MinHash signatures, uint32 (n_docs, num_perm): row i, column k = min over doc i's shingles of h_k.
-
-    h_k(x) = (a_k·x + b_k) mod 2^32 with a_k odd, over the top 32 bits of each (already fmix-mixed)
-    shingle hash: a true permutation of the 32-bit space, so the min is a MinHash. Measured on corpus
-    pairs it is as unbiased as (a·x+b) mod p with 64-bit lanes, and runs twice as fast (native uint32
-    SIMD multiply, half the bytes). Layout (num_perm, shingles) makes `np.minimum.reduceat` reduce
-    contiguous runs; `batch_size` docs at a time keep the work array in cache (~4 MB at 250 words/doc)."""
+    """uint32 (n_docs, num_perm): entry (i, k) is the min over doc i's shingles x of h_k(x) =
+    (a_k·x + b_k) mod 2^32, a_k odd, x the top 32 bits of the shingle hash: a permutation of 2^32. On
+    corpus pairs it was as unbiased and tight as 64-bit multiply-add-shift, at twice the speed (uint32
+    SIMD, half the bytes). Layout (num_perm, shingles) lets `np.minimum.reduceat` reduce contiguous
+    runs (5x faster than shingles-major); ~2 MB work chunks stay in cache whatever the doc lengths."""
     params = _splitmix64(seed, 2 * num_perm)
     a = (params[:num_perm].astype(np.uint32) | np.uint32(1))[:, None]
     b = params[num_perm:].astype(np.uint32)[:, None]
     out = np.empty((len(texts), num_perm), dtype=np.uint32)
-    for sl in _batches(len(texts), batch_size):
+    chunk = max(1, (1 << 19) // num_perm)
+    for sl in _batches(texts, batch_size):
         hashes, offsets = shingle_hashes(texts[sl], ngram)
-        work = a * (hashes >> _U64(32)).astype(np.uint32)[None, :]
-        work += b
-        out[sl] = np.minimum.reduceat(work, offsets[:-1], axis=1).T
+        x = (hashes >> _U64(32)).astype(np.uint32)
+        mins = np.full((num_perm, sl.stop - sl.start), 2**32 - 1, dtype=np.uint32)
+        for lo in range(0, len(x), chunk):  # docs overlapping [lo, hi) take the min of their part
+            hi = min(lo + chunk, len(x))
+            first, last = np.searchsorted(offsets, [lo, hi - 1], side="right") - 1
+            work = a * x[None, lo:hi] + b
+            part = np.minimum.reduceat(work, np.maximum(offsets[first : last + 1], lo) - lo, axis=1)
+            np.minimum(mins[:, first : last + 1], part, out=mins[:, first : last + 1])
+        out[sl] = mins.T
     return out
 
 
@@ -159,9 +164,7 @@ def band_keys(signatures: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> n
     (so a flat list of keys from all bands can be shuffled and grouped by key alone)."""
     n, k = signatures.shape
     if bands * rows > k:
-        raise ValueError(
-            f"{bands} bands x {rows} rows needs {bands * rows} permutations, signatures have {k}"
-        )
+        raise ValueError(f"{bands} bands x {rows} rows need {bands * rows} permutations, not {k}")
     sig = signatures[:, : bands * rows].reshape(n, bands, rows).astype(_U64)
     acc = np.broadcast_to(np.arange(1, bands + 1, dtype=_U64) * _U64(_P), (n, bands)).copy()
     for r in range(rows):
@@ -170,18 +173,16 @@ def band_keys(signatures: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> n
 
 
 def _bucket_pairs(keys: np.ndarray, digests: np.ndarray, index: np.ndarray, max_bucket: int) -> np.ndarray:
-    """Candidate pairs (i < j) among entries sharing a key; entries are (key, digest, doc index).
-
-    Sorted by (key, digest, index), an entry whose digest equals its predecessor's has the same
-    signature: it is chained to it (lossless: equal signatures verify alike against every doc) and
-    skipped otherwise. The remaining entries of a bucket are paired with their next `max_bucket`
-    neighbours: all pairs for buckets up to max_bucket + 1 distinct members, a bounded sliding window
-    (O(size · max_bucket), not O(size²)) beyond that."""
+    """Candidate pairs (i < j) among entries (key, digest, doc index) sharing a key. Sorted by (key,
+    digest, index), an entry with its predecessor's digest has the same signature: it is chained to it
+    and skipped otherwise (lossless: equal signatures verify alike against every doc). The rest of a
+    bucket is paired with its next `max_bucket` entries: all pairs up to max_bucket + 1 distinct
+    members, beyond that a window, O(size · max_bucket) instead of O(size²)."""
     order = np.lexsort((index, digests, keys))
     k, d, i = keys[order], digests[order], index[order]
     same = (k[1:] == k[:-1]) & (d[1:] == d[:-1])
     pairs = [np.stack([i[:-1][same], i[1:][same]], axis=1)]
-    keep = np.concatenate(([True], ~same))
+    keep = np.concatenate(([True], ~same))[: len(k)]
     k, i = k[keep], i[keep]
     active = np.arange(len(k) - 1)
     for step in range(1, max_bucket + 1):
@@ -206,11 +207,9 @@ def signature_digest(keys: np.ndarray) -> np.ndarray:
 def candidate_pairs_from_keys(
     indices: np.ndarray, keys: np.ndarray, digests: np.ndarray | None = None, max_bucket: int = MAX_BUCKET
 ) -> np.ndarray:
-    """int64 (m, 2) pairs of `indices` (i < j) whose docs share a band key, unique.
-
-    `keys` is (n, bands) from `band_keys`, or (n, 1) for a flat (index, key) table after a shuffle by
-    key, in which case pass each row's `signature_digest` as `digests` (else identical signatures
-    cannot be told apart and fill the window). See `_bucket_pairs` for the bucket cap."""
+    """Unique int64 (m, 2) pairs of `indices` (i < j) sharing a band key. `keys`: (n, bands) from
+    `band_keys`, or (n, 1) for a flat (index, key) table after a shuffle by key: then pass each row's
+    `signature_digest` (identical signatures are chained, not windowed). Caps: see `_bucket_pairs`."""
     indices = np.asarray(indices, dtype=np.int64)
     if digests is None:
         digests = signature_digest(keys)
@@ -221,9 +220,9 @@ def candidate_pairs_from_keys(
 def estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """Fraction of equal MinHash values for each pair (an unbiased Jaccard estimate)."""
     out = np.empty(len(pairs), dtype=np.float64)
-    for sl in _batches(len(pairs), chunk):
-        p = pairs[sl]
-        out[sl] = (signatures[p[:, 0]] == signatures[p[:, 1]]).mean(axis=1)
+    for lo in range(0, len(pairs), chunk):
+        sl = slice(lo, lo + chunk)
+        out[sl] = (signatures[pairs[sl, 0]] == signatures[pairs[sl, 1]]).mean(axis=1)
     return out
 
 
@@ -232,14 +231,12 @@ def verify_pairs(
     signatures: np.ndarray,
     threshold: float = THRESHOLD,
     texts: Sequence[str] | None = None,
-    ngram: int = NGRAM,
 ) -> np.ndarray:
-    """Pairs whose Jaccard ≥ threshold: estimated from signatures, or exact on shingle sets when
-    `texts` is given (removes the estimate's ±0.04 noise near the threshold; costs a re-shingling)."""
+    """Pairs with Jaccard ≥ threshold: estimated from signatures, or exact on (default) shingle sets if
+    `texts` is given (no ±0.04 estimate noise at the threshold; re-shingles the docs involved)."""
     if texts is None:
         return pairs[estimated_jaccard(signatures, pairs) >= threshold]
-    docs = np.unique(pairs)
-    sets = dict(zip(docs.tolist(), (shingle_set(texts[d], ngram) for d in docs), strict=True))
+    sets = {d: shingle_set(texts[d]) for d in np.unique(pairs).tolist()}
     ok = [exact_jaccard(sets[a], sets[b]) >= threshold for a, b in pairs.tolist()]
     return pairs[np.array(ok, dtype=bool)]
 
@@ -249,26 +246,23 @@ def minhash_pairs(
     threshold: float = THRESHOLD,
     bands: int = BANDS,
     rows: int = ROWS,
-    ngram: int = NGRAM,
-    seed: int = 0,
     exact: bool = False,
 ) -> np.ndarray:
-    """The local pipeline: signatures → band keys → candidates → verified near-duplicate pairs."""
-    sig = minhash_signatures(texts, bands * rows, ngram, seed)
+    """The local pipeline: signatures → band keys → candidates → verified near-duplicate row pairs."""
+    sig = minhash_signatures(texts, bands * rows)
     cands = candidate_pairs_from_keys(np.arange(len(texts)), band_keys(sig, bands, rows))
-    return verify_pairs(cands, sig, threshold, texts if exact else None, ngram)
+    return verify_pairs(cands, sig, threshold, texts if exact else None)
 
 
 def simhash_fingerprints(texts: Sequence[str], ngram: int = NGRAM, batch_size: int = 256) -> np.ndarray:
     """64-bit SimHash per text (uint64): bit j is set when more than half of the doc's shingles
     (counted with repetition) have bit j set in their hash, i.e. the sign of Σ ±1 per shingle."""
     out = np.empty(len(texts), dtype=_U64)
-    for sl in _batches(len(texts), batch_size):
+    for sl in _batches(texts, batch_size):
         hashes, offsets = shingle_hashes(texts[sl], ngram)
         sizes = np.diff(offsets)
-        # Bit counts SWAR-style: (h >> i) & 0x0001000100010001 puts bits i, 16+i, 32+i, 48+i in four
-        # 16-bit counters of one uint64, so 16 segment sums count all 64 bits (7x faster than
-        # unpacking bits). 32-bit counters when a doc has 2^16 shingles or more.
+        # SWAR bit counts: (h >> i) & 0x0001000100010001 puts bits i, 16+i, 32+i, 48+i in four 16-bit
+        # counters, so 16 segment sums count 64 bits (7x faster than unpacking; 32-bit if ≥ 2^16).
         w = 16 if sizes.max() < 1 << 16 else 32
         mask, fields = _U64(sum(1 << (w * f) for f in range(64 // w))), np.arange(0, 64, w, dtype=_U64)
         counts = np.empty((len(sizes), 64 // w, w), dtype=np.int64)
@@ -280,52 +274,35 @@ def simhash_fingerprints(texts: Sequence[str], ngram: int = NGRAM, batch_size: i
     return out
 
 
-def _blocks(max_distance: int) -> list[tuple[int, int]]:
-    """(shift, width) of max_distance + 1 near-equal bit blocks covering 64 bits."""
-    n = max_distance + 1
-    widths = [64 // n + (i < 64 % n) for i in range(n)]
-    return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
-
-
 def simhash_block_keys(fingerprints: np.ndarray, max_distance: int = 3) -> np.ndarray:
-    """uint64 (n, max_distance + 1): hash of (block index, block value). Pigeonhole: k differing bits
-    fall in at most k of the k + 1 blocks, so fingerprints within distance k share a key."""
-    fp = np.asarray(fingerprints, dtype=_U64)
+    """uint64 (n, k + 1) for k = max_distance: a hash of (block index, block value) for k + 1 bit blocks.
+    Pigeonhole: k differing bits touch at most k blocks, so fingerprints within distance k share a key."""
+    fp, n = np.asarray(fingerprints, dtype=_U64), max_distance + 1
+    widths = [64 // n + (i < 64 % n) for i in range(n)]
     cols = []
-    for b, (shift, width) in enumerate(_blocks(max_distance)):
-        mask = _U64((1 << width) - 1) if width < 64 else _U64(2**64 - 1)
-        cols.append(_fmix64(((fp >> _U64(shift)) & mask) ^ _U64(((b + 1) * _P) % 2**64)))
+    for b, width in enumerate(widths):
+        block = (fp >> _U64(sum(widths[:b]))) & _U64((1 << width) - 1 if width < 64 else 2**64 - 1)
+        cols.append(_fmix64(block ^ _U64((b + 1) * _P % 2**64)))
     return np.stack(cols, axis=1)
 
 
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(np.asarray(a, dtype=_U64) ^ np.asarray(b, dtype=_U64))
-
-
 def simhash_pairs(
-    fingerprints: np.ndarray,
-    max_distance: int = 3,
-    indices: np.ndarray | None = None,
-    max_bucket: int = MAX_BUCKET,
+    fingerprints: np.ndarray, max_distance: int = 3, max_bucket: int = MAX_BUCKET
 ) -> np.ndarray:
-    """Verified pairs of `indices` (default 0..n-1) whose fingerprints differ in ≤ max_distance bits:
-    candidates from the block index (never all pairs), then popcount of the XOR."""
+    """int64 (m, 2) row pairs (i < j) whose fingerprints differ in ≤ max_distance bits: candidates
+    from the block index (never all pairs), verified by the popcount of their XOR."""
     fp = np.asarray(fingerprints, dtype=_U64)
-    idx = np.arange(len(fp)) if indices is None else np.asarray(indices, dtype=np.int64)
     keys = simhash_block_keys(fp, max_distance)
-    n_blocks = keys.shape[1]
-    cands = _bucket_pairs(keys.ravel(), np.repeat(fp, n_blocks), np.repeat(idx, n_blocks), max_bucket)
-    pos = np.empty(int(idx.max(initial=-1)) + 1, dtype=np.int64)
-    pos[idx] = np.arange(len(idx))  # from doc index back to row
-    return cands[hamming(fp[pos[cands[:, 0]]], fp[pos[cands[:, 1]]]) <= max_distance]
+    rows = np.repeat(np.arange(len(fp)), keys.shape[1])
+    cands = _bucket_pairs(keys.ravel(), fp[rows], rows, max_bucket)  # digest = the fingerprint itself
+    return cands[np.bitwise_count(fp[cands[:, 0]] ^ fp[cands[:, 1]]) <= max_distance]
 
 
 class UnionFind:
     """Disjoint sets over 0..n-1 with path halving and union by rank (near-constant time per op)."""
 
     def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-        self.rank = [0] * n
+        self.parent, self.rank = list(range(n)), [0] * n
 
     def find(self, x: int) -> int:
         parent = self.parent
@@ -360,13 +337,10 @@ def clusters(n: int, pairs: Iterable[tuple[int, int]] | np.ndarray) -> np.ndarra
 def duplicates_to_drop(ids: Sequence[str], roots: np.ndarray) -> set[str]:
     """Ids to remove: every member of a cluster except its smallest id (a reproducible choice)."""
     roots = np.asarray(roots)
-    sizes = np.bincount(roots, minlength=len(ids))
+    members = np.flatnonzero(np.bincount(roots, minlength=len(ids))[roots] > 1).tolist()
     keep: dict[int, str] = {}
-    members = np.flatnonzero(sizes[roots] > 1).tolist()
-    for i in members:
-        r = int(roots[i])
-        if r not in keep or ids[i] < keep[r]:
-            keep[r] = ids[i]
+    for i, r in zip(members, roots[members].tolist(), strict=True):
+        keep[r] = min(keep.get(r, ids[i]), ids[i])
     return {ids[i] for i in members} - set(keep.values())
 
 

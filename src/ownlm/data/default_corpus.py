@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from ownlm.artifacts import read_manifest, stage_dir
+from ownlm.data.normalize import cut_gutenberg_license
 from ownlm.data.records import Record, chunk_paragraphs, write_jsonl
 from ownlm.errors import OwnlmError
 
@@ -111,6 +112,7 @@ def _gutenberg(notes: dict[str, str]) -> Iterator[Record]:
         except UnicodeDecodeError:  # shakespeare-caesar.txt is Latin-1
             text = raw.decode("latin-1")
         text = text.replace("\r\n", "\n")
+        text, _ = cut_gutenberg_license(text)  # before chunking: a chunk of pure licence would pass filters
         title = text.split("\n", 1)[0].strip("[] ")
         for i, chunk in enumerate(chunk_paragraphs(text, CHUNK_WORDS)):
             yield _rec(f"gutenberg/{stem}/{i:04d}", chunk, *source, title=title)

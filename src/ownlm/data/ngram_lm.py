@@ -42,9 +42,10 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SPECIALS = frozenset({BOS, EOS, UNK})
@@ -309,6 +310,11 @@ class ArpaScorer(_DocumentScorer):
             raise ValueError(f"{path}: n-gram counts {dict(got)} do not match the header {expected}")
         # KenLM substitutes log10 p = -100 when a model has no <unk>.
         self._entries.setdefault((UNK,), (-100.0, 0.0))
+
+    @property
+    def ngrams(self) -> Mapping[Gram, tuple[float, float]]:
+        """Every n-gram of the file: (log10 probability, log10 backoff; 0 where none is written)."""
+        return MappingProxyType(self._entries)
 
     def _map(self, word: str) -> str:
         return word if (word,) in self._entries else UNK

@@ -18,10 +18,14 @@ header/footer lines. C4 drops the whole page for "lorem ipsum": that is a page r
 `ownlm.data.quality` ("c4:lorem_ipsum"). Do not apply these to the code domain, where "All rights
 reserved" is part of a license header that must stay with the code.
 
-Repeated-line boilerplate (menus, footers, cookie banners of one site) is found corpus-wide, as in
-RefinedWeb / Dolma's line-level dedup: count in how many documents each (normalised) line occurs,
-shard by shard (`count_lines`, then `merge_line_counts`), keep lines seen in at least `min_docs`
-documents (`frequent_lines_from_counts`), and remove them (`remove_lines`).
+Repeated-line boilerplate (menus, footers, cookie banners of one site) is found corpus-wide, as
+CCNet does (Wenzek et al. 2020, "CCNet: Extracting High Quality Monolingual Datasets from Web
+Crawl Data": paragraphs hashed after lower-casing and replacing digits by 0, repeats across a shard
+removed, which takes out navigation menus, cookie warnings and contact details). Count in
+how many documents each normalised line occurs, shard by shard (`count_lines`, then
+`merge_line_counts`), keep the lines seen in at least `min_docs` documents
+(`frequent_lines_from_counts`) and remove them (`remove_lines`). Skip code and dialogue: "return
+None" and "B: lol" repeat across documents and are content there.
 """
 
 from __future__ import annotations
@@ -119,8 +123,9 @@ _KEY_DIGITS = re.compile(r"\d+")
 
 
 def line_key(line: str) -> str:
-    """A line's identity for repeated-line detection: case-folded, blanks collapsed, digit runs as
-    "0" (so "Page 3 of 10" and "© 2023 Example Inc." match their siblings on other pages)."""
+    """A line's identity for repeated-line detection, as in CCNet (less its punctuation and accent
+    stripping): case-folded, blanks collapsed, digit runs as "0" ("Page 3 of 10" matches "Page 4 of
+    12" on the next page)."""
     return _KEY_DIGITS.sub("0", _KEY_SPACE.sub(" ", line).strip().casefold())
 
 

@@ -17,8 +17,10 @@ validated in Python:
   rare bare four-part version. IPv6 needs a digit and either three groups or a four-digit first
   group, so C++ `Add::add` and Python `x[1::2]` stay.
 - Cards: 13-19 digits, in one run or in the groupings printed on cards (4-4-4-4[-3], Amex 4-6-5,
-  Diners 4-6-4), that pass the Luhn checksum (ISO/IEC 7812). A 13-digit run starting 978/979 is
-  an ISBN-13/EAN, not a card.
+  Diners 4-6-4), passing the Luhn checksum (ISO/IEC 7812-1) and starting with 2-6, the first digit
+  of the major networks (Mastercard 2/5, Amex/Diners/JCB 3, Visa 4, Discover/UnionPay/Maestro 6).
+  A random digit run passes Luhn one time in ten; the first digit also keeps ISBN-13s (978/979...)
+  and bit strings.
 - Phones: three shapes only: international ("+" country code, ITU-T E.164 allows 15 digits at
   most), North American ("(555) 123-4567"; NANP area codes start 2-9), and European national with
   a trunk "0", at least one separator and 9+ digits ("020 7946 0958", "06 12 34 56 78"). A plain
@@ -53,7 +55,7 @@ _IPV6 = re.compile(
 )
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")  # a sentence's final "." may follow
 _VERSION_CONTEXT = re.compile(
-    r"(?:\bversions?|\bver\.?|\bv|\brelease[sd]?|\bbuild|\bpython|\bsection|§|==|>=|<=|~=|!=)\s*$",
+    r"(?:\bversions?|\bver\.?|\bv|\brelease[sd]?|\bbuild|\bpython|\bsections?|§|==|>=|<=|~=|!=)[\s\"'#:=(-]*$",
     re.IGNORECASE,
 )
 _PHONE = re.compile(
@@ -78,32 +80,36 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _card(m: re.Match[str]) -> bool:
+def _card(m: re.Match[str], public_ips_only: bool) -> bool:
     digits = _NON_DIGIT.sub("", m.group())
-    if len(set(digits)) == 1 or (len(digits) == 13 and digits.startswith(("978", "979"))):
-        return False  # 0000 0000 0000 0000 passes Luhn; 978/979 + 10 digits is an ISBN-13
+    # 0000 0000 0000 0000 passes Luhn, and no major network's numbers start with 0, 1, 7, 8 or 9.
+    if digits[0] not in "23456" or len(set(digits)) == 1:
+        return False
     return 13 <= len(digits) <= 19 and luhn_valid(digits)
 
 
-def _ipv6(m: re.Match[str]) -> bool:
-    text = m.group()
+def _ipv6(m: re.Match[str], public_ips_only: bool) -> bool:
+    text = m.group().split("%", 1)[0]
     try:
-        ipaddress.IPv6Address(text.split("%", 1)[0])
+        addr = ipaddress.IPv6Address(text)
     except ValueError:
         return False
-    groups = [g for g in re.split(r"[:.]", text.split("%", 1)[0]) if g]
-    return any(c.isdigit() for c in text) and (len(groups) >= 3 or len(groups[0]) == 4)
+    groups = [g for g in re.split(r"[:.]", text) if g]
+    shaped = any(c.isdigit() for c in text) and (len(groups) >= 3 or len(groups[0]) == 4)
+    return shaped and (addr.is_global or not public_ips_only)
 
 
-def _ipv4(m: re.Match[str]) -> bool:
+def _ipv4(m: re.Match[str], public_ips_only: bool) -> bool:
     try:
-        ipaddress.IPv4Address(m.group())
+        addr = ipaddress.IPv4Address(m.group())
     except ValueError:
+        return False
+    if public_ips_only and not addr.is_global:
         return False
     return not _VERSION_CONTEXT.search(m.string, max(0, m.start() - 24), m.start())
 
 
-def _phone(m: re.Match[str]) -> bool:
+def _phone(m: re.Match[str], public_ips_only: bool) -> bool:
     text = m.group()
     # National numbers written with a trunk 0 have 9+ digits in Europe (ES 9, IT 9-11, FR/NL 10,
     # UK 10-11, DE 10-12); 8 digits after a 0 ("01.02.03.04") is more likely a list or a date.
@@ -113,7 +119,7 @@ def _phone(m: re.Match[str]) -> bool:
 
 # Order matters: an e-mail's digits must not become a phone, a card's groups must not either, and
 # an IPv4 address would otherwise read as a dotted phone number.
-_KINDS: tuple[tuple[str, re.Pattern[str], Callable[[re.Match[str]], bool] | None, str], ...] = (
+_KINDS: tuple[tuple[str, re.Pattern[str], Callable[[re.Match[str], bool], bool] | None, str], ...] = (
     ("email", _EMAIL, None, "@"),
     ("credit_card", _CARD, _card, ""),
     ("ip_address", _IPV6, _ipv6, ":"),
@@ -122,10 +128,14 @@ _KINDS: tuple[tuple[str, re.Pattern[str], Callable[[re.Match[str]], bool] | None
 )
 
 
-def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
+def scrub_pii(text: str, *, public_ips_only: bool = False) -> tuple[str, dict[str, int]]:
     """Replace e-mails, card numbers, IP addresses and phone numbers by placeholders ("<EMAIL>",
     "<CREDIT_CARD>", "<IP_ADDRESS>", "<PHONE>"); returns (text, {kind: number replaced}) with every
-    kind present. Idempotent: placeholders match nothing."""
+    kind present. Idempotent: placeholders match nothing.
+
+    `public_ips_only` keeps private, loopback and documentation addresses (10.0.0.1, 127.0.0.1,
+    192.0.2.1, 2001:db8::1), as FineWeb's PII formatter does: they identify no one, and technical
+    text is full of them. Off by default: every valid address is scrubbed."""
     counts = dict.fromkeys(PLACEHOLDERS, 0)
     for kind, pattern, valid, needs in _KINDS:
         if needs and needs not in text:  # most documents hold no "@": skip the scan
@@ -133,7 +143,7 @@ def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
         placeholder = PLACEHOLDERS[kind]
 
         def sub(m: re.Match[str], kind: str = kind, valid=valid, placeholder: str = placeholder) -> str:
-            if valid is not None and not valid(m):
+            if valid is not None and not valid(m, public_ips_only):
                 return m.group()
             counts[kind] += 1
             return placeholder

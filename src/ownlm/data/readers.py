@@ -73,7 +73,12 @@ def _read_folder(root: Path, domain: str | None) -> Iterator[Record]:
     )
     ids = _UniqueIds()
     for p in files:
-        yield from _read_file(p, p.relative_to(root).as_posix(), str(root), domain, ids)
+        try:
+            yield from _read_file(p, p.relative_to(root).as_posix(), str(root), domain, ids)
+        except FileNotFoundError:
+            # Listed, then deleted (a sync or another job): stop with a clear line; the stage writes
+            # nothing, so rerunning once the folder is stable loses nothing.
+            raise OwnlmError(f"{p}: vanished while its folder was read; rerun when it is stable") from None
 
 
 def _read_file(path: Path, name: str, source: str, domain: str | None, ids: _UniqueIds) -> Iterator[Record]:

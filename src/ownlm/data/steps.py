@@ -45,8 +45,8 @@ class NormalizeStep(DocStep):
 
     name = "normalize"
 
-    def __init__(self, max_chars: int):
-        self.max_chars = max_chars
+    def __init__(self, max_chars: int, keep_lines_in: list[str]):
+        self.max_chars, self.keep_lines_in = max_chars, set(keep_lines_in)
 
     def process(self, doc: Record, stats: StepStats) -> Record | str:
         from ownlm.data.normalize import normalize_text, remove_boilerplate_lines
@@ -54,8 +54,9 @@ class NormalizeStep(DocStep):
         if len(doc["text"]) > self.max_chars:
             return "too_long"  # checked first: no regex runs over a 100 MB line
         text = normalize_text(doc["text"])
-        text, removed = remove_boilerplate_lines(text)
-        stats.counters["boilerplate_lines_removed"] += removed
+        if doc["meta"].get("domain") not in self.keep_lines_in:
+            text, removed = remove_boilerplate_lines(text)
+            stats.counters["boilerplate_lines_removed"] += removed
         if not text.strip():
             return "empty"
         return {**doc, "text": text}
@@ -68,9 +69,18 @@ class QualityStep(DocStep):
         self.cfg = cfg
 
     def process(self, doc: Record, stats: StepStats) -> Record | str:
-        from ownlm.data.quality import quality_reason
+        from ownlm.data.quality import c4_line_filter, quality_reason
 
-        return quality_reason(doc["text"], doc["meta"].get("domain", ""), self.cfg) or doc
+        domain = doc["meta"].get("domain", "")
+        reason = quality_reason(doc["text"], domain, self.cfg)
+        if reason:
+            return reason
+        rules, cfg = self.cfg.rules_for(domain)
+        if rules.c4:  # web-like domains: keep only C4's sentence-like lines
+            text, removed = c4_line_filter(doc["text"], cfg)
+            stats.counters["c4_lines_removed"] += removed
+            return {**doc, "text": text} if text.strip() else "c4:no_lines_left"
+        return doc
 
 
 class PiiStep(DocStep):
