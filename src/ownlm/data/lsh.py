@@ -23,10 +23,6 @@ from pathlib import Path
 import numpy as np
 
 SHARD_SHIFT = 32
-# Above this many documents behind one key, pair each member with its neighbour and the first
-# member instead of with every other member: connectivity survives, quadratic blow-up does not.
-MAX_ALL_PAIRS = 64
-
 Verifier = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (sig rows a, sig rows b) -> bool mask
 
 
@@ -34,24 +30,16 @@ def gidx(shard: int, n: int) -> np.ndarray:
     return (np.int64(shard) << SHARD_SHIFT) | np.arange(n, dtype=np.int64)
 
 
-def group_pairs(keys: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Candidate pairs (a < b) among members sharing a key. Both arrays are 1-D and aligned."""
-    order = np.lexsort((members, keys))
-    keys, members = keys[order], members[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    ends = np.r_[starts[1:], len(keys)]
-    pairs: list[np.ndarray] = []
-    for s, e in zip(starts, ends, strict=True):
-        m = np.unique(members[s:e])
-        if len(m) < 2:
-            continue
-        if len(m) <= MAX_ALL_PAIRS:
-            i, j = np.triu_indices(len(m), 1)
-            pairs.append(np.stack([m[i], m[j]], 1))
-        else:
-            pairs.append(np.stack([m[:-1], m[1:]], 1))
-            pairs.append(np.stack([np.full(len(m) - 2, m[0]), m[2:]], 1))
-    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+def group_pairs(keys: np.ndarray, members: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Candidate pairs (a < b) among members sharing a key (flat, aligned arrays; `digests` says
+    which members have identical signatures: those are chained, not paired with everyone)."""
+    from ownlm.data.dedup import candidate_pairs_from_keys
+
+    if len(keys) == 0:
+        return np.zeros((0, 2), np.int64)
+    return candidate_pairs_from_keys(
+        members, keys.astype(np.uint64)[:, None], digests=digests.astype(np.uint64)
+    )
 
 
 class SignatureStore:
@@ -86,25 +74,36 @@ def verified(pairs: np.ndarray, store: SignatureStore, verify: Verifier) -> np.n
 # ---------------------------------------------------------------------------------------- local
 
 
-def write_buckets(keys: np.ndarray, shard: int, bucket_dir: Path, n_buckets: int) -> None:
-    """Split one shard's (n_docs, n_bands) keys into per-bucket files of (key, gidx)."""
+def flat_table(keys: np.ndarray, shard: int) -> np.ndarray:
+    """(3, n_docs × n_bands) int64 rows: band key, gidx, and the digest of the doc's whole key row."""
+    from ownlm.data.dedup import signature_digest
+
+    keys = keys.astype(np.uint64)
     n, bands = keys.shape
-    flat_keys = keys.reshape(-1).astype(np.uint64)
-    flat_g = np.repeat(gidx(shard, n), bands)
-    bucket = (flat_keys % np.uint64(n_buckets)).astype(np.int64)
+    digest = signature_digest(keys) if n else np.zeros(0, np.uint64)
+    return np.stack(
+        [
+            keys.reshape(-1).view(np.int64),
+            np.repeat(gidx(shard, n), bands),
+            np.repeat(digest, bands).view(np.int64),
+        ]
+    )
+
+
+def write_buckets(keys: np.ndarray, shard: int, bucket_dir: Path, n_buckets: int) -> None:
+    """Split one shard's (n_docs, n_bands) keys into per-bucket files of flat_table rows."""
+    table = flat_table(keys, shard)
+    bucket = (table[0].view(np.uint64) % np.uint64(n_buckets)).astype(np.int64)
     for b in range(n_buckets):
-        sel = bucket == b
-        np.save(
-            bucket_dir / f"{b:04d}-{shard:05d}.npy", np.stack([flat_keys[sel].view(np.int64), flat_g[sel]])
-        )
+        np.save(bucket_dir / f"{b:04d}-{shard:05d}.npy", table[:, bucket == b])
 
 
 def bucket_edges(bucket: int, bucket_dir: Path, sig_dir: Path, verify: Verifier) -> np.ndarray:
     parts = [np.load(p) for p in sorted(bucket_dir.glob(f"{bucket:04d}-*.npy"))]
     if not parts:
         return np.zeros((0, 2), np.int64)
-    kg = np.concatenate(parts, axis=1)
-    return verified(group_pairs(kg[0], kg[1]), SignatureStore(sig_dir), verify)
+    t = np.concatenate(parts, axis=1)
+    return verified(group_pairs(t[0], t[1], t[2]), SignatureStore(sig_dir), verify)
 
 
 def union_find_labels(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,26 +142,19 @@ def dask_labels(
     import dask.dataframe as dd
     import pandas as pd
 
-    def load(path: str, shard: int) -> pd.DataFrame:
-        keys = np.load(path)
-        n, bands = keys.shape
-        return pd.DataFrame(
-            {"key": keys.reshape(-1).astype(np.uint64).view(np.int64), "g": np.repeat(gidx(shard, n), bands)}
-        )
+    columns = ("key", "g", "digest")
 
-    meta = pd.DataFrame({"key": np.zeros(0, np.int64), "g": np.zeros(0, np.int64)})
+    def load(path: str, shard: int) -> pd.DataFrame:
+        return pd.DataFrame(dict(zip(columns, flat_table(np.load(path), shard), strict=True)))
+
+    meta = pd.DataFrame({c: np.zeros(0, np.int64) for c in columns})
     frames = [dask.delayed(load)(str(p), k) for k, p in enumerate(key_files)]
     keyed = dd.from_delayed(frames, meta=meta).shuffle(on="key", npartitions=n_partitions)
 
     def edges_of(part: pd.DataFrame) -> pd.DataFrame:
-        e = verified(
-            group_pairs(part["key"].to_numpy(), part["g"].to_numpy()), SignatureStore(sig_dir), verify
-        )
-        return (
-            pd.DataFrame({"u": e[:, 0], "v": e[:, 1]})
-            if len(e)
-            else pd.DataFrame({"u": [], "v": []}, dtype=np.int64)
-        )
+        pairs = group_pairs(*(part[c].to_numpy() for c in columns))
+        e = verified(pairs, SignatureStore(sig_dir), verify)
+        return pd.DataFrame({"u": e[:, 0], "v": e[:, 1]}).astype(np.int64)
 
     edge_meta = pd.DataFrame({"u": np.zeros(0, np.int64), "v": np.zeros(0, np.int64)})
     edges = keyed.map_partitions(edges_of, meta=edge_meta).drop_duplicates().persist()
