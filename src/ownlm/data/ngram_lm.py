@@ -1,42 +1,39 @@
 """Interpolated modified Kneser-Ney n-gram models: trained here, written as ARPA, scored as KenLM does.
 
-Why this exists: CCNet (Wenzek et al., 2020, "CCNet: Extracting High Quality Monolingual Datasets
-from Web Crawl Data") scores every document with a KenLM 5-gram model trained on a reference set.
-The pip `kenlm` package can only *query* models; the estimator, `lmplz`, is a separate C++ build.
-So training lives here, in plain Python, and the result is a standard ARPA file that `kenlm.Model`
-(fast) or `ArpaScorer` (no compiled dependency) can score identically.
+Why: CCNet (Wenzek et al., 2020) scores every document with a KenLM 5-gram model trained on a
+reference set. The pip `kenlm` package can only *query* models (its estimator, `lmplz`, is a separate
+C++ build), so training lives here, in plain Python, and writes a standard ARPA file that
+`kenlm.Model` (fast) or `ArpaScorer` (no compiled dependency) scores identically.
 
-The estimate is Chen & Goodman (1998, "An Empirical Study of Smoothing Techniques for Language
-Modeling", TR-10-98) interpolated modified Kneser-Ney, with the conventions of KenLM's `lmplz`
-(Heafield et al., 2013, "Scalable Modified Kneser-Ney Language Model Estimation"), so a model from
-here matches one from `lmplz` on the same tokens (checked against lmplz's own toy ARPA files):
-
-- each sentence is `<s> w1 .. wn </s>`; `<s>`, `</s>` and `<unk>` in the input are dropped, as
-  lmplz treats them as whitespace;
-- adjusted counts: raw counts for the highest order and for n-grams that start with `<s>` (nothing
-  can precede them); for the rest, the number of distinct words seen to their left;
-- per order, discounts D1, D2, D3+ from the count-of-counts n1..n4 of adjusted counts (C&G eq. 26),
-  or fixed fallback discounts (lmplz `--discount_fallback`) when that estimate is undefined;
+The estimate is Chen & Goodman (1998, TR-10-98) interpolated modified Kneser-Ney with the conventions
+of KenLM's `lmplz` (Heafield et al., 2013), so it matches lmplz's own toy ARPA files:
+- sentences are `<s> w1 .. wn </s>`; `<s>`, `</s>`, `<unk>` in the input are dropped (lmplz: whitespace);
+- adjusted counts are raw counts for the top order and for n-grams starting with `<s>` (nothing can
+  precede them), else the number of distinct words seen to their left;
+- per order, D1, D2, D3+ from the count-of-counts n1..n4 (C&G eq. 26), or fallback discounts (lmplz
+  `--discount_fallback`) where that estimate is undefined;
 - p(w|h) = (a(hw) - D(a(hw))) / sum_x a(hx) + gamma(h) p(w|h'), gamma(h) = sum_i D_i N_i(h.) /
-  sum_x a(hx); unigrams interpolate with the uniform distribution over the vocabulary (with
-  `<unk>`, without `<s>`), so `<unk>` gets gamma/|V|; `<s>` gets probability 1 (log 0), as lmplz;
-- the ARPA backoff of h is gamma(h): an unseen hw then scores gamma(h) p(w|h'), which is exactly the
-  interpolated probability, so backoff-style querying (KenLM's) reproduces the interpolated model;
-- optional count pruning as lmplz `--prune`: thresholds per order on raw counts; pruned mass moves
-  to gamma, so every context still sums to one.
+  sum_x a(hx); unigrams interpolate with uniform over the vocabulary (with `<unk>`, without `<s>`),
+  so `<unk>` gets gamma/|V|; `<s>` gets probability 1 (log 0), as in lmplz;
+- the ARPA backoff of h is gamma(h): an unseen hw scores gamma(h) p(w|h'), exactly its interpolated
+  probability, so KenLM's backoff-style querying reproduces the interpolated model;
+- optional pruning as lmplz `--prune` (raw-count thresholds per order); pruned mass moves to gamma,
+  so every context still sums to one.
 
-Tokenisation (`normalize_words`): NFKC, lowercase, every digit -> "0" (CCNet's normaliser does the
-same), words are runs of letters/digits with inner apostrophes, every other non-space character is
-its own token. One sentence per non-empty line of a document.
+Tokenisation (`normalize_words`): NFKC, lowercase, digits -> "0" (as CCNet's normaliser), words are
+runs of letters/digits with inner apostrophes, any other non-space character is a token of its own.
+One sentence per non-empty line of a document.
 
-Scale: counts are Python dicts keyed by tuples of words, about 200 bytes per distinct n-gram. That
-targets reference sets of a few MB to a few tens of MB (2 MB of English at order 4 -> ~1.5M
-n-grams, ~300 MB, seconds to tens of seconds). For hundreds of MB, build `lmplz` (disk-backed sorts)
-and keep the rest of the pipeline: its ARPA files load in `load_scorer` unchanged.
+Scale: Python dicts keyed by word tuples, ~350 bytes per distinct n-gram at peak: a few MB of text
+(one core: 2 MB of English -> 0.85M n-grams at order 4, 3.4 s, 0.32 GB; 1.2M at order 5, 5 s,
+0.47 GB; 5 MB at order 5 -> 2.9M n-grams, 13 s, 1 GB). For hundreds of MB build `lmplz` (disk-backed
+sorts, same estimate): its ARPA files load in `load_scorer` unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import re
@@ -66,11 +63,8 @@ def tokenize_document(text: str) -> list[list[str]]:
 
 
 def kn_discounts(n: Sequence[int]) -> tuple[float, float, float]:
-    """(D1, D2, D3+) from count-of-counts (n1, n2, n3, n4), Chen & Goodman eq. 26.
-
-    Raises ValueError where lmplz raises BadDiscountException: a zero n1..n3, or a discount outside
-    [0, i] (the estimate is meaningless there, typically on tiny or deduplicated-away data).
-    """
+    """(D1, D2, D3+) from count-of-counts (n1, n2, n3, n4), Chen & Goodman eq. 26. ValueError where lmplz
+    throws: a zero n1..n3 or a Di outside [0, i] (meaningless there; tiny or artificial data)."""
     n1, n2, n3, n4 = (int(x) for x in n)
     if min(n1, n2, n3) == 0:
         raise ValueError(f"count-of-counts {n1, n2, n3, n4} has a zero: discounts undefined (tiny data?)")
@@ -104,13 +98,10 @@ class NGramModel:
             f.writelines(f"ngram {k}={c}\n" for k, c in enumerate(self.counts, start=1))
             for k, probs in enumerate(self.log_probs):
                 f.write(f"\n\\{k + 1}-grams:\n")
-                if k == self.order - 1:
-                    f.writelines(f"{_fmt(p)}\t{' '.join(g)}\n" for g, p in probs.items())
-                else:
-                    bo = self.backoffs[k]
-                    f.writelines(
-                        f"{_fmt(p)}\t{' '.join(g)}\t{_fmt(bo.get(g, 0.0))}\n" for g, p in probs.items()
-                    )
+                bo = self.backoffs[k] if k < self.order - 1 else None  # the top order has none
+                for g, p in probs.items():
+                    tail = "" if bo is None else "\t" + _fmt(bo.get(g, 0.0))
+                    f.write(f"{_fmt(p)}\t{' '.join(g)}{tail}\n")
             f.write("\n\\end\\\n")
         os.replace(tmp, path)
         return path
@@ -147,8 +138,7 @@ def train_kn(
         except ValueError as e:
             if discount_fallback is None:
                 raise ValueError(f"{k + 1}-grams: {e}; pass discount_fallback to override") from None
-            d1, d2, d3 = discount_fallback
-            discounts.append((float(d1), float(d2), float(d3)))
+            discounts.append(tuple(float(x) for x in discount_fallback))
     log_probs, backoffs = _interpolate(adjusted, raw, thresholds, discounts)
     return NGramModel(order, log_probs, backoffs, discounts)
 
@@ -157,11 +147,9 @@ def _prune_thresholds(prune: Sequence[int] | None, order: int) -> list[int]:
     t = [int(x) for x in prune] if prune else [0]
     if len(t) > order:
         raise ValueError(f"{len(t)} pruning thresholds for an order-{order} model")
-    if t[0] != 0 or any(a > b for a, b in zip(t, t[1:], strict=False)):
+    if t[0] != 0 or any(a > b for a, b in itertools.pairwise(t)):
         # Non-decreasing keeps every kept n-gram's prefix and suffix (their raw counts are larger).
-        raise ValueError(
-            f"pruning thresholds {t}: unigrams cannot be pruned and the values must not decrease"
-        )
+        raise ValueError(f"pruning thresholds {t}: unigrams cannot be pruned, values cannot decrease")
     return t + [t[-1]] * (order - len(t))
 
 
@@ -179,7 +167,8 @@ def _count_padded(sentences: Iterable[Sequence[str]], order: int) -> Counter[Gra
 def _adjusted_counts(padded: Counter[Gram], order: int) -> list[dict[Gram, int]]:
     adjusted: list[dict[Gram, int]] = [{} for _ in range(order)]
     adjusted[0] = {(UNK,): 0, (BOS,): 0}  # present with count 0, first as in lmplz's output
-    for g, c in padded.items():
+    while padded:  # popping, so the window counts and the adjusted counts never both peak
+        g, c = padded.popitem()
         if order > 1 and g[1] == BOS:
             k = 1
             while g[k + 1] == BOS:
@@ -198,8 +187,7 @@ def _adjusted_counts(padded: Counter[Gram], order: int) -> list[dict[Gram, int]]
 def _raw_counts(adjusted: list[dict[Gram, int]]) -> list[dict[Gram, int]]:
     # Pruning compares raw occurrence counts (lmplz's "actual counts"); an n-gram not starting with
     # <s> always has a left neighbour, so its raw count is the sum over its left extensions.
-    raw = [{} for _ in adjusted]
-    raw[-1] = adjusted[-1]
+    raw = [{} for _ in adjusted[1:]] + [adjusted[-1]]
     for k in range(len(adjusted) - 1, 0, -1):
         lower = {g: c for g, c in adjusted[k - 1].items() if g[0] == BOS}
         for g, c in raw[k].items():
@@ -214,9 +202,12 @@ def _interpolate(
     thresholds: list[int],
     discounts: list[tuple[float, float, float]],
 ) -> tuple[list[dict[Gram, float]], list[dict[Gram, float]]]:
+    # Order by order, freeing as it goes (counts are emptied once used): peak memory stays near the
+    # counts themselves plus one order's probabilities.
     uniform = 1.0 / (len(adjusted[0]) - 1)  # vocabulary with <unk>, without <s>
-    probs: list[dict[Gram, float]] = []
-    gammas: list[dict[Gram, float]] = []
+    log_probs: list[dict[Gram, float]] = []
+    backoffs: list[dict[Gram, float]] = []
+    lower: dict[Gram, float] | None = None  # the order below, linear probabilities
     for k, counts in enumerate(adjusted):
         d = (0.0, *discounts[k])
         t = thresholds[k]
@@ -228,29 +219,28 @@ def _interpolate(
             denom[h] = denom.get(h, 0) + a
             mass[h] = mass.get(h, 0.0) + (a if g in pruned else d[min(a, 3)])
         gamma = {h: m / denom[h] for h, m in mass.items()}
-        lower = probs[-1] if probs else None
+        if lower is not None:  # the n-grams below are this order's contexts: backoff = gamma
+            backoffs.append({g: math.log10(gamma[g]) for g in lower if g in gamma})  # never </s>, <unk>
         p: dict[Gram, float] = {}
         for g, a in counts.items():
-            if g in pruned:
-                continue
-            h = g[:-1]
-            below = uniform if lower is None else lower[g[1:]]
-            p[g] = (a - d[min(a, 3)]) / denom[h] + gamma[h] * below
+            if g not in pruned:
+                h = g[:-1]
+                p[g] = (a - d[min(a, 3)]) / denom[h] + gamma[h] * (uniform if lower is None else lower[g[1:]])
         if k == 0:
             p[(BOS,)] = 1.0  # lmplz: <s> is never predicted; probability 1 keeps sentence scores intact
-        probs.append(p)
-        gammas.append(gamma)
-    log_probs = [{g: math.log10(min(x, 1.0)) for g, x in p.items()} for p in probs]
-    # gammas[k + 1] is keyed by k+1-word contexts: those are the backoffs of order k+1 n-grams.
-    backoffs = [
-        {
-            g: math.log10(gammas[k + 1][g])
-            for g in log_probs[k]
-            if g in gammas[k + 1] and g[-1] not in (EOS, UNK)
-        }
-        for k in range(len(adjusted) - 1)
-    ]
+        counts.clear()
+        del denom, mass, gamma, pruned
+        if lower is not None:
+            log_probs.append(_to_log10(lower))
+        lower = p
+    log_probs.append(_to_log10(lower))
     return log_probs, backoffs
+
+
+def _to_log10(probs: dict[Gram, float]) -> dict[Gram, float]:
+    for g, x in probs.items():  # in place: no second dict of the same size
+        probs[g] = math.log10(min(x, 1.0))
+    return probs
 
 
 class _DocumentScorer:
@@ -262,10 +252,8 @@ class _DocumentScorer:
         raise NotImplementedError
 
     def perplexity(self, text: str) -> float:
-        """CCNet/KenLM style: 10 ** (-sum log10 p / (words + sentences)); the +sentences counts `</s>`.
-
-        A document with no tokens has no evidence of being prose: its perplexity is inf.
-        """
+        """CCNet/KenLM style: 10 ** (-sum log10 p / (words + sentences)), sentences for the `</s>`s;
+        inf for a document with no tokens (no evidence of being prose)."""
         total, n = 0.0, 0
         for words in tokenize_document(text):
             total += self.score(words)
@@ -278,29 +266,21 @@ class ArpaScorer(_DocumentScorer):
 
     def __init__(self, path: str | Path) -> None:
         self._entries: dict[Gram, tuple[float, float]] = {}
-        self.order = 0
+        self.order = section = 0
         expected: dict[int, int] = {}
-        section = 0
         words: dict[str, str] = {}  # one string object per word: tuples share it, memory stays flat
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip() == "\\data\\":
-                    break
-            else:
+            if not any(line.strip() == "\\data\\" for line in f):  # stops just past the header
                 raise ValueError(f"{path}: no \\data\\ header, not an ARPA file")
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
+            for line in map(str.strip, f):
                 if line.startswith("ngram "):
                     k, c = line[6:].split("=")
                     expected[int(k)] = int(c)
                 elif line == "\\end\\":
                     break
                 elif line.startswith("\\") and line.endswith("-grams:"):
-                    section = int(line[1:-7])
-                    self.order = max(self.order, section)
-                else:
+                    section = self.order = int(line[1:-7])  # sections come in increasing order
+                elif line:
                     parts = line.split()
                     gram = tuple(words.setdefault(w, w) for w in parts[1 : section + 1])
                     backoff = float(parts[section + 1]) if len(parts) > section + 1 else 0.0
@@ -308,8 +288,7 @@ class ArpaScorer(_DocumentScorer):
         got = Counter(len(g) for g in self._entries)
         if any(got[k] != c for k, c in expected.items()):
             raise ValueError(f"{path}: n-gram counts {dict(got)} do not match the header {expected}")
-        # KenLM substitutes log10 p = -100 when a model has no <unk>.
-        self._entries.setdefault((UNK,), (-100.0, 0.0))
+        self._entries.setdefault((UNK,), (-100.0, 0.0))  # what KenLM uses when a model has no <unk>
 
     @property
     def ngrams(self) -> Mapping[Gram, tuple[float, float]]:
@@ -326,13 +305,12 @@ class ArpaScorer(_DocumentScorer):
 
     def _cond(self, context: Gram, word: str) -> float:
         backoff = 0.0
-        entries = self._entries
         for start in range(len(context) + 1):  # longest history first
             h = context[start:]
-            hit = entries.get((*h, word))
+            hit = self._entries.get((*h, word))
             if hit is not None:
                 return hit[0] + backoff
-            ctx = entries.get(h) if h else None
+            ctx = self._entries.get(h) if h else None
             if ctx is not None:
                 backoff += ctx[1]
         raise AssertionError("unreachable: every mapped word has a unigram")
@@ -351,10 +329,10 @@ class ArpaScorer(_DocumentScorer):
 
 
 class KenlmScorer(_DocumentScorer):
-    """The same interface over `kenlm.Model` (C++, probing hash): ~50x faster than `ArpaScorer`."""
+    """The same interface over `kenlm.Model` (C++ probing hash): faster, less memory than `ArpaScorer`."""
 
     def __init__(self, path: str | Path) -> None:
-        import kenlm
+        import kenlm  # here: it is optional
 
         self._model = kenlm.Model(str(path))
         self.order = self._model.order
@@ -366,10 +344,6 @@ class KenlmScorer(_DocumentScorer):
 def load_scorer(path: str | Path, *, use_kenlm: bool = True) -> KenlmScorer | ArpaScorer:
     """`KenlmScorer` when `import kenlm` works (and `use_kenlm`), else `ArpaScorer`: same scores."""
     if use_kenlm:
-        try:
-            import kenlm  # noqa: F401
-        except ImportError:
-            pass
-        else:
+        with contextlib.suppress(ImportError):
             return KenlmScorer(path)
     return ArpaScorer(path)
