@@ -54,6 +54,6 @@ def test_gguf_converts_once_and_continues_pretraining(tmp_path, small_corpus, sm
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     # A trained 135M model already predicts Python and English far better than chance (ln 49152 ≈ 10.8).
-    assert first < 5.0 and metrics["val_loss"] < 5.0
+    assert first < 7.0 and metrics["val_loss"] < 7.0
     assert metrics["params"] > 1.3e8
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 49152

@@ -153,6 +153,11 @@ def resolve_model_dir(path: str | Path) -> Path:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise OwnlmError(f"{gguf}: cannot read GGUF: {str(e).splitlines()[0]}") from None
+        # The weights are dequantised to fp32 on load; the GGUF "quantizer" left on the model only
+        # blocks saving them, so the converted model is saved as the plain model it now is.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         with stage_dir(out, "gguf-convert", {"gguf": gguf.name}, {"gguf": out.name}) as w:
             model.save_pretrained(str(w.tmp))
             tok.save_pretrained(str(w.tmp))

@@ -334,7 +334,16 @@ class KenlmScorer(_DocumentScorer):
     def __init__(self, path: str | Path) -> None:
         import kenlm  # here: it is optional
 
-        self._model = kenlm.Model(str(path))
+        # KenLM's loader draws a progress bar and a build_binary hint on the C-level stderr, once per
+        # worker and shard: noise in our logs, so that descriptor is silenced while it loads.
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                self._model = kenlm.Model(str(path))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
         self.order = self._model.order
 
     def score(self, words: str | Sequence[str], bos: bool = True, eos: bool = True) -> float:
