@@ -40,7 +40,9 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 
 bench: install
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/pretrain_throughput.py --save
+	$(BIN)/python bench/dedup.py --save
 	$(BIN)/python bench/attention_sparsity.py --save
 
 clean:

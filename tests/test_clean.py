@@ -1,0 +1,140 @@
+"""The clean stage end to end on real text: accounting, artifact, report, mixture, executors."""
+
+import json
+
+import pytest
+
+from conftest import tiny_recipe
+
+ALL_STEPS = ["normalize", "exact_dedup", "quality", "pii", "minhash_dedup", "perplexity"]
+
+
+def _corpus_with_junk(tmp_path, small_corpus):
+    """The small real corpus plus duplicates, near duplicates, PII and word salad."""
+    import random
+
+    recs = [json.loads(x) for x in small_corpus.read_text().splitlines()]
+    rng = random.Random(0)
+    extra = []
+    for i, r in enumerate(recs[:40:4]):
+        extra.append({**r, "id": f"copy-{i}"})  # exact copy
+        words = r["text"].split()
+        if len(words) > 60:
+            words[len(words) // 2] = "zebra"
+            extra.append({**r, "id": f"near-{i}", "text": " ".join(words)})  # near copy
+    docs = [r for r in recs if r["meta"]["domain"] == "docs"]
+    for i, r in enumerate(docs[:15]):
+        words = r["text"].split()
+        rng.shuffle(words)
+        extra.append({**r, "id": f"salad-{i}", "text": " ".join(words)})  # word salad
+    extra.append(
+        {
+            "id": "pii",
+            "text": docs[0]["text"] + "\nWrite to jane.doe@example.com or call +1 415 555 0100.",
+            "meta": {"domain": "docs"},
+        }
+    )
+    out = tmp_path / "corpus.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs + extra))
+    return out, len(recs) + len(extra)
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory, small_corpus):
+    from conftest import prepare_corpus
+
+    tmp = tmp_path_factory.mktemp("clean")
+    corpus, n = _corpus_with_junk(tmp, small_corpus)
+    recipe = tiny_recipe(
+        tmp / "runs",
+        corpus,
+        clean={
+            "steps": ALL_STEPS,
+            "workers": 2,
+            "docs_per_shard": 100,
+            "perplexity": {"order": 3, "reference_mb": 1.0},
+        },
+    )
+    prepare_corpus(recipe)
+    return recipe, n
+
+
+def test_every_document_is_accounted_for(cleaned):
+    recipe, n = cleaned
+    out = recipe.run_dir / "clean"
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    kept = [json.loads(x) for f in sorted(out.glob("*.jsonl")) for x in f.read_text().splitlines()]
+    dropped = [
+        json.loads(x) for f in sorted((out / "dropped").glob("*.jsonl")) for x in f.read_text().splitlines()
+    ]
+    assert m["docs_in"] == n == len(kept) + len(dropped)
+    assert {r["id"] for r in kept}.isdisjoint({r["id"] for r in dropped})
+    by = {}
+    for r in dropped:
+        by.setdefault(r["meta"]["dropped_by"], set()).add(r["id"])
+    assert {f"copy-{i}" for i in range(10)} <= by["exact_dedup"]
+    assert any(i.startswith("near-") for i in by["minhash_dedup"])
+    assert sum(i.startswith("salad-") for i in by.get("perplexity", set())) >= 12  # most word salad
+    assert all(r["meta"]["drop_reason"] for r in dropped)
+    pii = next(r for r in kept + dropped if r["id"] == "pii")
+    assert "<EMAIL>" in pii["text"] and "<PHONE>" in pii["text"] and "jane.doe" not in pii["text"]
+    assert all(r["meta"]["ppl_bucket"] in {"head", "middle", "tail", None} for r in kept)
+
+
+def test_report_stats_and_mixture(cleaned):
+    recipe, _ = cleaned
+    out = recipe.run_dir / "clean"
+    for f in ("stats.json", "mixture.json", "report.html", "steps.png", "mixture.png", "perplexity.png"):
+        assert (out / f).is_file(), f
+    mixture = json.loads((out / "mixture.json").read_text())
+    assert set(mixture["weights"]) == {"code", "docs"}
+    assert sum(mixture["weights"].values()) == pytest.approx(1.0)
+    assert 0 < mixture["mixture_entropy_bits"] <= 1.0
+    stats = json.loads((out / "stats.json").read_text())
+    assert list(stats) == ALL_STEPS
+
+
+def test_pretraining_draws_from_the_mixture(cleaned):
+    from ownlm.pretrain import run_pretrain
+    from ownlm.shards import StepSampler, TokenShards
+    from ownlm.tokenizer import run_tokenizer
+
+    recipe, _ = cleaned
+    run_tokenizer(recipe)
+    out = run_pretrain(
+        recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(update={"max_steps": 2})})
+    )
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["corpus"]
+    weights = json.loads((recipe.run_dir / "clean" / "mixture.json").read_text())["weights"]
+    train = TokenShards(recipe.run_dir / "shards", "train")
+    s = StepSampler(train.n_rows, 256, 0, train.domain_ranges, weights)
+    rows = s.global_rows(0)
+    lo, hi = train.domain_ranges["docs"]
+    assert abs(((rows >= lo) & (rows < hi)).mean() - weights["docs"]) < 0.1
+
+
+@pytest.mark.slow
+def test_dask_and_local_clean_stages_are_byte_identical(tmp_path, small_corpus):
+    from conftest import prepare_corpus
+
+    corpus, _ = _corpus_with_junk(tmp_path, small_corpus)
+    outs = {}
+    for ex in ("local", "dask"):
+        recipe = tiny_recipe(
+            tmp_path / ex,
+            corpus,
+            clean={
+                "steps": ALL_STEPS,
+                "executor": ex,
+                "workers": 2,
+                "docs_per_shard": 100,
+                "perplexity": {"order": 3, "reference_mb": 1.0},
+            },
+        )
+        prepare_corpus(recipe)
+        out = recipe.run_dir / "clean"
+        outs[ex] = {
+            p.relative_to(out).as_posix(): p.read_bytes()
+            for p in [*sorted(out.rglob("*.jsonl")), out / "stats.json", out / "mixture.json"]
+        }
+    assert outs["local"] == outs["dask"]
