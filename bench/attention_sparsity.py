@@ -15,11 +15,8 @@ of them alike. Prints one JSON object; --save also writes it to bench/results/at
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,19 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ownlm.attention import sliding_window_attention, topk_attention
+from ownlm.perf import emit_bench, machine_info
 
 HEADS, HEAD_DIM = 4, 64
 GOAL = "sliding window forward at 4096 tokens takes < 0.5x the time of dense causal SDPA"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _systems(seq_len: int, window: int) -> dict[str, Callable[..., torch.Tensor]]:
@@ -123,12 +111,7 @@ def main() -> None:
         "bench": "attention_sparsity",
         "goal": GOAL if args.seq_len == 4096 else GOAL.replace("4096", str(args.seq_len)),
         "goal_met": ratios["fwd_ms_p50 ownlm-sliding/sdpa-dense-causal"] < 0.5,
-        "machine": {
-            "cpu": _cpu_name(),
-            "cores": torch.multiprocessing.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "config": {
             "seq_len": args.seq_len,
             "window": args.window,
@@ -152,12 +135,7 @@ def main() -> None:
             f"band-masked reference max abs error: {max_err:.2e}."
         ),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.save:
-        out = Path(__file__).resolve().parent / "results" / "attention_sparsity.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    emit_bench(report, args.save)
 
 
 if __name__ == "__main__":

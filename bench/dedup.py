@@ -19,7 +19,6 @@ docs/s); peak memory is tracemalloc's peak in one separate, untimed run per syst
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import statistics
@@ -36,7 +35,7 @@ import numpy as np
 from ownlm.data import dedup
 from ownlm.data.default_corpus import ensure_default_corpus
 from ownlm.data.records import iter_corpus
-from ownlm.perf import machine_info
+from ownlm.perf import emit_bench, machine_info
 
 GOAL = "F1 >= datasketch and >= 5x its docs/s"
 EDITS = {"1%": 0.01, "3%": 0.03, "5%": 0.05, "10%": 0.10}
@@ -378,11 +377,7 @@ def main() -> None:
             "and with ownlm-minhash's."
         ),
     }
-    print(json.dumps(result, indent=2))
-    if args.save:
-        out = Path(__file__).parent / "results" / "dedup.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    emit_bench(result, args.save)
 
 
 if __name__ == "__main__":

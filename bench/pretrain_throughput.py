@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ownlm.config import load_recipe
 from ownlm.data.stage import run_data
 from ownlm.models import build_model, flops_per_token
-from ownlm.perf import machine_info, matmul_peak_gflops
+from ownlm.perf import emit_bench, machine_info, matmul_peak_gflops
 from ownlm.pretrain import make_optimizer, run_pretrain
 from ownlm.shards import TokenShards
 from ownlm.tokenizer import load_tokenizer, run_tokenizer
@@ -133,11 +133,7 @@ def main() -> None:
             "MFU = tokens/s x 6N+attention FLOPs per token / measured fp32 matmul peak."
         ),
     }
-    print(json.dumps(result, indent=2))
-    if args.save:
-        out = Path(__file__).parent / "results" / "pretrain_throughput.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    emit_bench(result, args.save)
     sys.exit(0)
 
 

@@ -49,3 +49,16 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def emit_bench(result: dict, save: bool) -> None:
+    """Print a benchmark's one JSON object; with `save`, also bench/results/<bench>.json."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if save:
+        out = Path(__file__).resolve().parents[2] / "bench" / "results" / f"{result['bench']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
