@@ -20,6 +20,13 @@ def _plt():
     return plt
 
 
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out)
+    _plt().close(fig)
+    return out
+
+
 def _steps_png(per_step: dict, out: Path) -> Path:
     plt = _plt()
     names = list(per_step)
@@ -31,10 +38,7 @@ def _steps_png(per_step: dict, out: Path) -> Path:
         ax.set_xticks(x, names, rotation=20)
         ax.set_title(f"{label} in / out per step")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _clusters_png(work: Path, out: Path) -> Path | None:
@@ -49,16 +53,15 @@ def _clusters_png(work: Path, out: Path) -> Path | None:
         hist = json.loads(f.read_text())["size_histogram"]
         sizes = sorted(int(s) for s in hist)
         ax.plot(sizes, [hist[str(s)] for s in sizes], "o-", label=f.parent.name.split("_", 2)[-1])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("cluster size (documents)")
-    ax.set_ylabel("clusters")
-    ax.set_title("duplicate clusters")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="cluster size (documents)",
+        ylabel="clusters",
+        title="duplicate clusters",
+    )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _perplexity_png(work: Path, out: Path) -> Path | None:
@@ -83,10 +86,7 @@ def _perplexity_png(work: Path, out: Path) -> Path | None:
     ax.set_ylabel("documents")
     ax.set_title("perplexity per domain")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _mixture_png(mixture: dict, out: Path) -> Path:
@@ -99,10 +99,7 @@ def _mixture_png(mixture: dict, out: Path) -> Path:
     ax.set_xticks(x, doms)
     ax.set_title(f"mixture (entropy {mixture['mixture_entropy_bits']:.2f} bits)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def write_clean_report(out_dir: Path, work: Path, per_step: dict, mixture: dict) -> Path:
