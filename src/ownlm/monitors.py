@@ -1,7 +1,7 @@
 """Training-health checks: loss fluctuation (a warning) and NaN/spike detection (a stop).
 
 The seed asks that "loss fluctuation < 0.05". A falling loss is not a fluctuation, so we measure
-the spread of the losses around their own linear trend over a sliding window, relative to the mean
+the spread of the losses around their own quadratic trend over a sliding window, relative to the mean
 loss, and warn (once per window) when it passes the threshold. A non-finite loss, or one far above
 the window's median, means the run has diverged: training stops with a message saying what to do.
 """
@@ -31,7 +31,8 @@ class LossMonitor:
             return None
         y = np.asarray(self.losses)
         x = np.arange(len(y))
-        trend = np.polyval(np.polyfit(x, y, 1), x)
+        # A quadratic trend: early in training the loss falls along a curve, and a curve is no fluctuation.
+        trend = np.polyval(np.polyfit(x, y, 2), x)
         return float(np.std(y - trend) / max(abs(float(np.mean(y))), 1e-8))
 
     def update(self, step: int, loss: float) -> str | None:
