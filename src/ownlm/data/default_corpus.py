@@ -187,19 +187,19 @@ def _readmes() -> Iterator[Record]:
             dists.setdefault(name, d)
     for name in sorted(dists):
         md = dists[name].metadata
-        desc = (md.get_payload() or md["Description"] or "").strip()  # type: ignore[attr-defined]
+        desc = (md.get_payload() or md.get("Description") or "").strip()  # type: ignore[attr-defined]
         if len(desc.encode("utf-8")) <= 1000:
             continue
-        text = f"# {md['Name']} {md['Version']}\n\n{md['Summary'] or ''}\n\n{desc}\n"
+        text = f"# {md['Name']} {md['Version']}\n\n{md.get('Summary') or ''}\n\n{desc}\n"
         yield _rec(f"readme/{name}", text, "docs", "python-package-readme", _license(md), package=name)
 
 
 def _license(md: Any) -> str:
     # The SPDX expression first: the free-form License field sometimes holds a whole license text.
     classifiers = [c.split("::")[-1].strip() for c in md.get_all("Classifier") or [] if "License ::" in c]
-    short = (md["License"] or "").strip()
+    short = (md.get("License") or "").strip()
     short = short if "\n" not in short and len(short) < 80 else ""
-    return md["License-Expression"] or "; ".join(classifiers) or short or "see package metadata"
+    return md.get("License-Expression") or "; ".join(classifiers) or short or "see package metadata"
 
 
 def fetch_default(out_dir: Path, *, include_extras: bool = True) -> dict[str, Any]:

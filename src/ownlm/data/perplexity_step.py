@@ -91,6 +91,14 @@ class PerplexityStep(GlobalStep):
         for doc, ppl in zip(docs, signature["ppl"].tolist(), strict=True):
             domain = doc["meta"].get("domain", "")
             bucket, keep = decide(ppl, domain, thresholds, decision["ceilings"], self.cfg)
+            if (
+                not keep
+                and bucket not in self.cfg.drop_buckets
+                and len(doc["text"].split()) < self.cfg.min_words
+            ):
+                # The ceiling was calibrated on documents of at least min_words words; a short
+                # document's perplexity is too noisy to be judged by it, so it is only labelled.
+                keep = True
             meta = {
                 **doc["meta"],
                 "perplexity": round(ppl, 2) if math.isfinite(ppl) else None,
