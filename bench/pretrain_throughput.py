@@ -79,6 +79,7 @@ def main() -> None:
         {
             "runs_dir": str(work),
             "data": {"max_mb_per_source": 2.0},
+            "clean": {"enabled": False},  # throughput does not depend on which text it is
             "tokenizer": {"train_max_mb": 4},
             "pretrain": {
                 "max_steps": args.steps,
