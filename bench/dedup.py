@@ -297,12 +297,15 @@ def main() -> None:
             runs = [run_pipeline_minhash(texts, args.threshold, ex, work) for _ in range(args.runs)]
         finally:
             ex.close()
-        local_roots, _ = run_pipeline_minhash(texts, args.threshold, LocalExecutor(args.dask_workers), work)
+        local_roots, local_s = run_pipeline_minhash(
+            texts, args.threshold, LocalExecutor(args.dask_workers), work
+        )
         shutil.rmtree(work, ignore_errors=True)
         m = score(ids, runs[0][0], truth, injected)
         m["docs_per_s"] = round(len(texts) / statistics.median(s for _, s in runs), 1)
         m["seconds"] = [round(s, 3) for _, s in runs]
         m["workers"] = args.dask_workers
+        m["local_executor_docs_per_s"] = round(len(texts) / local_s, 1)  # same pipeline, no Dask
         m["same_clusters_as_local_executor"] = bool(np.array_equal(runs[0][0], local_roots))
         m["same_clusters_as_ownlm_minhash"] = bool(np.array_equal(runs[0][0], roots["ownlm-minhash"]))
         result_systems["ownlm-minhash-dask"] = m

@@ -1,0 +1,47 @@
+"""The benchmarks still run and still print the shared JSON shape (tiny sizes; no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> dict:
+    env = {**os.environ, "OWNLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    start = res.stdout.index("{\n")
+    return json.loads(res.stdout[start:])
+
+
+def _shape(result: dict, systems: set[str]) -> None:
+    assert {"bench", "goal", "machine", "systems", "ratios", "runs", "notes"} <= set(result)
+    assert {"cpu", "cores", "torch", "threads"} <= set(result["machine"])
+    assert systems <= set(result["systems"])
+    assert all(isinstance(v, float | int) for v in result["ratios"].values() if v is not None)
+
+
+def test_attention_bench():
+    r = _run("attention_sparsity.py", "--seq-len", "512", "--window", "64", "--runs", "2", "--warmup", "1")
+    _shape(r, {"ownlm-sliding", "sdpa-dense-causal", "sdpa-masked-band"})
+
+
+def test_pretrain_throughput_bench():
+    r = _run("pretrain_throughput.py", "--steps", "7", "--rounds", "1")
+    _shape(r, {"ownlm", "plain-torch"})
+    assert r["systems"]["ownlm"]["tokens_per_s"] > 0 and r["machine"]["matmul_peak_gflops"] > 0
+
+
+def test_dedup_bench():
+    r = _run("dedup.py", "--docs", "1500", "--per-type", "20", "--runs", "1")
+    _shape(r, {"ownlm-minhash", "ownlm-simhash", "datasketch", "ownlm-minhash-dask"})
+    assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_local_executor"]
+    assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_ownlm_minhash"]
