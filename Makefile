@@ -26,7 +26,8 @@ demo: install
 	$(BIN)/ownlm report runs/$(RECIPE)
 	@echo
 	@echo "Artifacts: runs/$(RECIPE)/ (report: runs/$(RECIPE)/report.html)"
-	@echo "Talk to the model:  $(BIN)/ownlm sample runs/$(RECIPE) --prompt 'Once upon a time'"
+	@echo "Chat with it:       $(BIN)/ownlm chat runs/$(RECIPE)"
+	@echo "Continue a text:    $(BIN)/ownlm sample runs/$(RECIPE) --prompt 'Once upon a time'"
 
 test: install
 	$(BIN)/ruff check src tests bench

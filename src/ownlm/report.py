@@ -10,7 +10,7 @@ from pathlib import Path
 from ownlm.artifacts import read_manifest
 from ownlm.errors import OwnlmError
 
-STAGES = ("data", "clean", "tokenizer", "shards", "pretrain")
+STAGES = ("data", "clean", "tokenizer", "shards", "pretrain", "instruct", "sft")
 
 
 def _fmt(v) -> str:

@@ -7,24 +7,38 @@ manifest, so the runner only orders them and reports; a crashed run picks up whe
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
+from ownlm.config import STAGES
 from ownlm.progress import console
 
 
 def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
     from ownlm.data.clean import run_clean
     from ownlm.data.stage import run_data
+    from ownlm.instruct.stage import run_instruct
     from ownlm.pretrain import run_pretrain
+    from ownlm.sft import run_sft
     from ownlm.tokenizer import run_tokenizer
 
-    stages = [("data", lambda: run_data(recipe, force=force))]
-    if recipe.clean.enabled:
-        stages.append(("clean", lambda: run_clean(recipe, force=force)))
-    if not recipe.pretrain.init_from:
-        stages.append(("tokenizer", lambda: run_tokenizer(recipe, force=force)))
-    stages.append(("pretrain", lambda: run_pretrain(recipe, force=force)))
+    runners = {
+        "data": run_data,
+        "clean": run_clean,
+        "tokenizer": run_tokenizer,
+        "pretrain": run_pretrain,
+        "instruct": run_instruct,
+        "sft": run_sft,
+    }
+    wanted = set(recipe.stages)
+    if not recipe.clean.enabled:
+        wanted.discard("clean")
+    if recipe.pretrain.init_from:
+        wanted.discard("tokenizer")  # the base model's tokenizer is kept as is
+    stages = [
+        (name, functools.partial(runners[name], recipe, force=force)) for name in STAGES if name in wanted
+    ]
     done: dict[str, Path] = {}
     t_start = time.time()
     for name, fn in stages:

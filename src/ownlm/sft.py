@@ -36,7 +36,10 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 class SFTConfig(StrictModel):
-    base_model: str = Field("pretrain", description="'pretrain' (this run's artifact), an HF dir or a .gguf.")
+    base_model: str = Field(
+        "pretrain",
+        description="'pretrain' (this run's artifact), an HF dir, a .gguf, or smollm2-135m-instruct.",
+    )
     data_dir: str | None = Field(None, description="train.jsonl (+ val.jsonl) dir; default runs/R/instruct.")
     method: Literal["full", "lora"] = Field("lora", description="Full fine-tune, or LoRA merged at the end.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
@@ -242,7 +245,9 @@ def _base_dir(recipe, cfg: SFTConfig) -> tuple[Path, str]:
         p = recipe.run_dir / "pretrain"
         require_artifact(p, "pretrain")
         return p, artifact_hash(p)
-    p = Path(cfg.base_model)
+    from ownlm.models import builtin_model
+
+    p = builtin_model(cfg.base_model) or Path(cfg.base_model)
     if not p.exists():
         raise OwnlmError(f"sft.base_model {p}: no such model directory or GGUF file")
     return p, artifact_hash(p)  # a plain dir or file: its content hash

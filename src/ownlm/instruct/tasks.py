@@ -7,37 +7,25 @@ function of (seed, family, index), so a larger count keeps every earlier example
 content hashes, so a prompt generated twice is one example and can never straddle two splits.
 
 Tool use teaches the OpenAI call shape on problems a small model cannot do in its head (3–5 digit
-arithmetic): the assistant calls `calculator`, a tool message returns `safe_eval`'s result, and the
-assistant states it. `safe_eval` walks the `ast` itself instead of calling `eval`, because the
-expression comes from a model at serving time.
+arithmetic): the assistant calls `calculator`, a tool message returns its result (computed by
+`ownlm.tools.safe_calculate`, the same evaluator `ownlm chat` runs), and the assistant states it.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
-import operator
 import random
 import re
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+from ownlm.tools import CALCULATOR, safe_calculate
+
 Record = dict[str, Any]
 FAMILIES = ("arithmetic", "counting", "spelling", "format", "reasoning")
-CALCULATOR_TOOL: Record = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "e.g. 4821*37"}},
-            "required": ["expression"],
-        },
-    },
-}
+CALCULATOR_TOOL: Record = CALCULATOR  # one schema for data, chat and server
 WORDS = (
     "apple banana cherry garden window planet river mountain yellow purple orange silver pencil "
     "rabbit turtle dragon castle forest island bridge rocket guitar violin summer winter autumn "
@@ -220,53 +208,9 @@ def check(task_meta: Record, model_text: str) -> bool:
     return got == answer
 
 
-_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-}  # fmt: skip
-MAX_EXPONENT = 100
-MAX_DIGITS = 1000
-
-
-def _eval(node: ast.AST) -> int | float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        v = _eval(node.operand)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and (abs(right) > MAX_EXPONENT or abs(left) > 10**6):
-            raise ValueError("exponent too large")
-        try:
-            val = _BINOPS[type(node.op)](left, right)
-        except ZeroDivisionError:
-            raise ValueError("division by zero") from None
-        except OverflowError:
-            raise ValueError("result too large") from None
-        if isinstance(val, int) and val.bit_length() > MAX_DIGITS * 3.33:
-            raise ValueError("result too large")
-        if isinstance(val, complex):
-            raise ValueError("complex result")
-        return val
-    raise ValueError(f"not allowed in an arithmetic expression: {type(node).__name__}")
-
-
-def format_number(val: int | float | Fraction) -> str:
-    if isinstance(val, float) and val.is_integer() and abs(val) < 1e15:
-        return str(int(val))
-    return str(val)
-
-
 def safe_eval(expression: str) -> str:
-    """Evaluate arithmetic (numbers, + - * / // % **, parentheses, unary minus); ValueError otherwise."""
-    if not isinstance(expression, str) or len(expression) > 200:
-        raise ValueError("expression must be a string of at most 200 characters")
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError:
-        raise ValueError(f"not an arithmetic expression: {expression!r}") from None
-    return format_number(_eval(tree.body))
+    """The calculator's own evaluator (`ownlm.tools.safe_calculate`): data, chat and evaluation agree."""
+    return safe_calculate(expression)
 
 
 def tool_call_ok(message: Record, expected_expression_value: int | float | str) -> bool:

