@@ -22,7 +22,7 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(res.stdout[start:])
 
 
-def _shape(result: dict, systems: set[str]) -> None:
+def check_shape(result: dict, systems: set[str]) -> None:
     assert {"bench", "goal", "machine", "systems", "ratios", "runs", "notes"} <= set(result)
     assert {"cpu", "cores", "torch", "threads"} <= set(result["machine"])
     assert systems <= set(result["systems"])
@@ -31,17 +31,17 @@ def _shape(result: dict, systems: set[str]) -> None:
 
 def test_attention_bench():
     r = _run("attention_sparsity.py", "--seq-len", "512", "--window", "64", "--runs", "2", "--warmup", "1")
-    _shape(r, {"ownlm-sliding", "sdpa-dense-causal", "sdpa-masked-band"})
+    check_shape(r, {"ownlm-sliding", "sdpa-dense-causal", "sdpa-masked-band"})
 
 
 def test_pretrain_throughput_bench():
     r = _run("pretrain_throughput.py", "--steps", "7", "--rounds", "1")
-    _shape(r, {"ownlm", "plain-torch"})
+    check_shape(r, {"ownlm", "plain-torch"})
     assert r["systems"]["ownlm"]["tokens_per_s"] > 0 and r["machine"]["matmul_peak_gflops"] > 0
 
 
 def test_dedup_bench():
     r = _run("dedup.py", "--docs", "1500", "--per-type", "20", "--runs", "1")
-    _shape(r, {"ownlm-minhash", "ownlm-simhash", "datasketch", "ownlm-minhash-dask"})
+    check_shape(r, {"ownlm-minhash", "ownlm-simhash", "datasketch", "ownlm-minhash-dask"})
     assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_local_executor"]
     assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_ownlm_minhash"]
