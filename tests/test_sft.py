@@ -158,10 +158,10 @@ def test_full_finetune_with_packing_and_bad_records(tmp_path, base):
     assert m["steps"] == 3 and m["trainable_params"] == m["params"]
     assert m["examples"]["train"] == 8
     assert m["skipped"]["train"] == {
-        "last_turn_not_assistant": 2,
+        "last_not_assistant": 2,
         "unknown_role": 1,
         "too_long": 1,
-        "malformed": 1,
+        "empty_messages": 1,
     }
 
 

@@ -29,10 +29,9 @@ from pydantic import Field
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
 from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
+from ownlm.instruct.formats import InstructError, validate_chat
 from ownlm.progress import bar, console
 from ownlm.tokenizer import END_OF_TURN
-
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 class SFTConfig(StrictModel):
@@ -139,14 +138,12 @@ def load_chat_records(path: Path, tokenizer, max_length: int, masks: bool) -> tu
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise OwnlmError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            msgs = rec.get("messages") if isinstance(rec, dict) else None
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-                skipped["malformed"] += 1
-            elif any(m.get("role") not in ROLES for m in msgs):
-                skipped["unknown_role"] += 1
-            elif msgs[-1]["role"] != "assistant":
-                skipped["last_turn_not_assistant"] += 1
+            try:  # the instruction data's own validator: one set of rules, seed records converted too
+                rec = validate_chat(rec, f"{path}:{lineno}")
+            except InstructError as e:
+                skipped[e.reason] += 1
             else:
+                msgs = rec["messages"]
                 try:
                     enc = tokenizer.apply_chat_template(msgs, tools=rec.get("tools"), **kw)
                 except Exception:  # jinja raises its own types for bad content; count, don't crash
