@@ -52,17 +52,22 @@ class DropShort(DocStep):
         return "short" if len(doc["text"].split()) < 5 else doc
 
 
-class CrashOnce(DocStep):
-    """Fails on one shard the first time, as a killed machine would."""
+class FailOnce(DocStep):
+    """Fails at document `doc_id` the first time only, as a crashed machine (`raise`) or a killed
+    Dask worker (`kill`: the process dies) would; a flag file remembers that it happened."""
 
-    name = "crash_once"
+    name = "fail_once"
 
-    def __init__(self, flag: Path):
-        self.flag = flag
+    def __init__(self, flag: Path, doc_id: str, how: str):
+        self.flag, self.doc_id, self.how = flag, doc_id, how
 
     def process(self, doc, stats):
-        if doc["id"] == "d3" and not self.flag.exists():
-            self.flag.write_text("crashed")
+        if doc["id"] == self.doc_id and not self.flag.exists():
+            self.flag.write_text(self.how)
+            if self.how == "kill":
+                import os
+
+                os._exit(1)
             raise RuntimeError("simulated crash")
         return doc
 
@@ -95,7 +100,7 @@ def test_resume_skips_completed_shards_and_gives_the_same_output(tmp_path):
     shards = make_corpus(tmp_path)
     clean, _ = run_pipeline(_steps(), shards, tmp_path / "ref", LocalExecutor(1))
     work = tmp_path / "work"
-    steps = [CrashOnce(tmp_path / "flag"), *_steps()]
+    steps = [FailOnce(tmp_path / "flag", "d3", "raise"), *_steps()]
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(steps, shards, work, LocalExecutor(1))
     done_before = {p.name: p.stat().st_mtime_ns for p in (work / "segment_00").glob("*.stats.json")}
@@ -104,7 +109,7 @@ def test_resume_skips_completed_shards_and_gives_the_same_output(tmp_path):
     done_after = {p.name: p.stat().st_mtime_ns for p in (work / "segment_00").glob("*.stats.json")}
     assert all(done_after[k] == v for k, v in done_before.items())  # not redone
     assert _outputs(final) == _outputs(clean)
-    assert stats["crash_once"].docs_in == 144
+    assert stats["fail_once"].docs_in == 144
 
 
 @pytest.mark.slow
@@ -126,23 +131,6 @@ def test_dask_executor_gives_byte_identical_output(tmp_path):
         assert a == b and a["duplicates"] > 0
 
 
-class KillWorkerOnce(DocStep):
-    """Kills the process running it, once: a Dask worker dying mid-task."""
-
-    name = "kill_worker_once"
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-
-    def process(self, doc, stats):
-        if doc["id"] == "d7" and not self.flag.exists():
-            self.flag.write_text("killed")
-            import os
-
-            os._exit(1)
-        return doc
-
-
 @pytest.mark.slow
 def test_a_killed_dask_worker_loses_nothing(tmp_path):
     from ownlm.data.pipeline import DaskExecutor
@@ -152,10 +140,10 @@ def test_a_killed_dask_worker_loses_nothing(tmp_path):
     ex = DaskExecutor(workers=2)
     try:
         out, stats = run_pipeline(
-            [KillWorkerOnce(tmp_path / "flag"), *_steps()], shards, tmp_path / "dask", ex
+            [FailOnce(tmp_path / "flag", "d7", "kill"), *_steps()], shards, tmp_path / "dask", ex
         )
     finally:
         ex.close()
-    assert (tmp_path / "flag").read_text() == "killed"
+    assert (tmp_path / "flag").read_text() == "kill"
     assert _outputs(out) == _outputs(ref)
-    assert stats["kill_worker_once"].docs_in == 144
+    assert stats["fail_once"].docs_in == 144

@@ -29,7 +29,7 @@ from pydantic import Field
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
 from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
-from ownlm.instruct.formats import InstructError, validate_chat
+from ownlm.instruct.formats import iter_instruct_jsonl
 from ownlm.progress import bar, console
 from ownlm.tokenizer import END_OF_TURN
 
@@ -130,34 +130,23 @@ def load_chat_records(path: Path, tokenizer, max_length: int, masks: bool) -> tu
     examples: list[dict] = []
     skipped: Counter = Counter()
     kw = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": masks}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OwnlmError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-            try:  # the instruction data's own validator: one set of rules, seed records converted too
-                rec = validate_chat(rec, f"{path}:{lineno}")
-            except InstructError as e:
-                skipped[e.reason] += 1
-            else:
-                msgs = rec["messages"]
-                try:
-                    enc = tokenizer.apply_chat_template(msgs, tools=rec.get("tools"), **kw)
-                except Exception:  # jinja raises its own types for bad content; count, don't crash
-                    skipped["template_error"] += 1
-                    continue
-                ids = list(enc["input_ids"])
-                if len(ids) > max_length:
-                    skipped["too_long"] += 1
-                elif masks and 1 not in enc["assistant_masks"]:
-                    skipped["no_assistant_tokens"] += 1  # TRL would raise on it mid-preparation
-                else:
-                    examples.append(
-                        {"input_ids": ids, **({"assistant_masks": enc["assistant_masks"]} if masks else {})}
-                    )
+    # The instruction data's own reader and validator: one set of rules (seed records are converted),
+    # and a bad line is a counted skip, never a crash mid-epoch.
+    for rec in iter_instruct_jsonl(path, on_error="skip", counter=skipped):
+        try:
+            enc = tokenizer.apply_chat_template(rec["messages"], tools=rec.get("tools"), **kw)
+        except Exception:  # jinja raises its own types for bad content; count, don't crash
+            skipped["template_error"] += 1
+            continue
+        ids = list(enc["input_ids"])
+        if len(ids) > max_length:
+            skipped["too_long"] += 1
+        elif masks and 1 not in enc["assistant_masks"]:
+            skipped["no_assistant_tokens"] += 1  # TRL would raise on it mid-preparation
+        else:
+            examples.append(
+                {"input_ids": ids, **({"assistant_masks": enc["assistant_masks"]} if masks else {})}
+            )
     return examples, skipped
 
 

@@ -108,26 +108,13 @@ def bucket_edges(bucket: int, bucket_dir: Path, sig_dir: Path, verify: Verifier)
 
 def union_find_labels(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nodes, label) where label is the smallest gidx of the node's component."""
+    from ownlm.data.dedup import clusters
+
     if len(edges) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     nodes, inv = np.unique(edges, return_inverse=True)
-    inv = inv.reshape(-1, 2)
-    parent = np.arange(len(nodes))
-
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in inv:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # nodes are sorted: the smaller index is the smaller gidx
-    roots = np.array([find(i) for i in range(len(nodes))])
-    return nodes, nodes[roots]
+    # clusters() labels by the smallest index; nodes are sorted, so that is the smallest gidx.
+    return nodes, nodes[clusters(len(nodes), inv.reshape(-1, 2))]
 
 
 # ----------------------------------------------------------------------------------------- dask
