@@ -175,15 +175,16 @@ def test_nothing_usable_names_the_data_dir(tmp_path, base):
     assert not (run / "sft").exists()
 
 
-def test_chatml_gets_invisible_generation_markers(tokenizer):
-    from ownlm.sft import end_of_turn_token, with_generation_markers
+def test_chatml_template_is_replaced_by_a_tool_aware_one_with_the_same_text(tokenizer):
+    from ownlm.chat_templates import adopt_chat_template, end_of_turn_token
+    from ownlm.tools import CALCULATOR, render_tool_call
 
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy we may change
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = SMOLLM2_TEMPLATE
     chat = messages(CHATS[2])
     before = tok.apply_chat_template(chat, tokenize=False)
-    with_generation_markers(tok)
+    adopt_chat_template(tok)
     assert "{% generation %}" in tok.chat_template and end_of_turn_token(tok) == "<|im_end|>"
     assert tok.apply_chat_template(chat, tokenize=False) == before
     assert tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True).endswith(
@@ -193,6 +194,29 @@ def test_chatml_gets_invisible_generation_markers(tokenizer):
     trained = [i for i, keep in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if keep]
     assert tok.decode(trained) == "Hi!<|im_end|>Hi again!<|im_end|>"
 
+    # Tools now reach the model: listed in the (default) system turn, calls trained, results not.
+    args = json.dumps({"expression": "2+3"})
+    call = {"id": "c", "type": "function", "function": {"name": "calculator", "arguments": args}}
+    tool_chat = [
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "5"},
+        {"role": "assistant", "content": "5"},
+    ]
+    text = tok.apply_chat_template(tool_chat, tools=[CALCULATOR], tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert json.dumps(CALCULATOR) in text and "<|im_start|>tool\n5<|im_end|>\n" in text
+    enc = tok.apply_chat_template(
+        tool_chat, tools=[CALCULATOR], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    trained = [i for i, keep in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if keep]
+    assert tok.decode(trained) == render_tool_call("calculator", args) + "<|im_end|>5<|im_end|>"
+
+    # A template that would render differently is refused, not silently replaced.
+    tok.chat_template = SMOLLM2_TEMPLATE.replace("+ '\n'}}", "+ '\n\n'}}")
+    with pytest.raises(OwnlmError, match="differently"):
+        adopt_chat_template(tok)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(OwnlmError, match="not ChatML"):
-        with_generation_markers(tok)
+        adopt_chat_template(tok)
+    assert adopt_chat_template(tok, strict=False).chat_template.startswith("{% for m in")

@@ -204,10 +204,15 @@ def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
 
 
 def load_tokenizer_for(path: str | Path):
-    """The tokenizer that goes with a model directory or GGUF file (kept as is)."""
+    """The tokenizer that goes with a model directory or GGUF file. Its vocabulary is kept as is; a
+    ChatML template is swapped for ownlm's tool-aware ChatML when that renders plain chats
+    identically (`ownlm.chat_templates.adopt_chat_template`), so tools work with any model."""
     from transformers import AutoTokenizer
 
+    from ownlm.chat_templates import adopt_chat_template
+
     p = Path(path)
-    if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
-        return AutoTokenizer.from_pretrained(str(p))
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(p)))
+    if not (p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file())):
+        p = resolve_model_dir(p)
+    tok = AutoTokenizer.from_pretrained(str(p))
+    return adopt_chat_template(tok, strict=False) if tok.chat_template else tok

@@ -8,8 +8,8 @@ free), so we do not hand-write a second training loop. What ownlm adds around it
   automatically (no bf16, no gradient checkpointing, no fused optimizer on CPU; bf16 on CUDA);
 - reading the JSONL ourselves: bad records (last turn not the assistant's, unknown roles, too long,
   malformed) are skipped and counted by reason instead of crashing mid-epoch;
-- `with_generation_markers`: a ChatML base model (e.g. SmolLM2) gets its template back with the
-  same text plus the markers assistant-only loss needs;
+- `ownlm.chat_templates.adopt_chat_template`: a ChatML base model (e.g. SmolLM2) gets a template
+  with the same text plus tool rendering and the markers assistant-only loss needs;
 - one plain HF directory out (LoRA merged), written atomically with a manifest, `metrics.jsonl`,
   `loss_curve.png`, our progress bar and a sample reply.
 """
@@ -17,7 +17,6 @@ free), so we do not hand-write a second training loop. What ownlm adds around it
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from collections import Counter
@@ -27,11 +26,11 @@ from typing import Literal
 from pydantic import Field
 
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
+from ownlm.chat_templates import adopt_chat_template, end_of_turn_token
 from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
 from ownlm.instruct.formats import iter_instruct_jsonl
 from ownlm.progress import bar, console
-from ownlm.tokenizer import END_OF_TURN
 
 
 class SFTConfig(StrictModel):
@@ -62,62 +61,6 @@ class SFTConfig(StrictModel):
     eval_every: int = Field(50, ge=1, description="Steps between validation passes (if val.jsonl exists).")
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")
     sample_prompt: str = Field("Hello! Who are you?", description="User message answered in sample.txt.")
-
-
-# ------------------------------------------------------------------------- chat template markers
-
-_CHATML_TURN = re.compile(
-    r"\{\{-?\s*(?P<q>['\"])<\|im_start\|>(?P=q)\s*\+\s*message(?:\[(?P=q)role(?P=q)\]|\.role)\s*\+\s*"
-    r"(?P=q)(?:\\n|\n)(?P=q)\s*\+\s*message(?:\[(?P=q)content(?P=q)\]|\.content)\s*\+\s*"
-    r"(?P=q)<\|im_end\|>(?P=q)\s*\+\s*(?P=q)(?:\\n|\n)(?P=q)\s*-?\}\}"
-)
-# The same text as ChatML's one-line turn, with the assistant's content and <|im_end|> (the token
-# it must learn to emit) inside the generation block; the newline after it belongs to the frame.
-_CHATML_MARKED = (
-    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endif %}"
-)
-_PROBE = [
-    {"role": r, "content": c} for r, c in (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hi!"))
-]
-_PROBE += [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]
-
-
-def with_generation_markers(tokenizer):
-    """Give `tokenizer` a template with `{% generation %}` around assistant turns, text unchanged.
-
-    Templates that have markers are left alone; ChatML turns (`<|im_start|>role\\n...<|im_end|>\\n`)
-    are rewritten; anything else is refused, since a guessed mask would train on the wrong tokens.
-    """
-    from trl.chat_template_utils import has_generation_markers
-
-    template = tokenizer.chat_template
-    if template and has_generation_markers(template):
-        return tokenizer
-    if not template:
-        raise OwnlmError("the tokenizer has no chat template: cannot find assistant turns to train on")
-    if "<|im_start|>" not in template or not _CHATML_TURN.search(template):
-        raise OwnlmError(
-            "the chat template has no {% generation %} markers and is not ChatML: add the markers around "
-            "assistant content, or set sft.assistant_only_loss false"
-        )
-    marked = _CHATML_TURN.sub(lambda _: _CHATML_MARKED, template)
-    # The markers must be invisible: refuse rather than train on text the model will never see.
-    before = tokenizer.apply_chat_template(_PROBE, tokenize=False)
-    after = tokenizer.apply_chat_template(_PROBE, tokenize=False, chat_template=marked)
-    if before != after:
-        raise OwnlmError("adding {% generation %} markers changed the ChatML template's text")
-    tokenizer.chat_template = marked
-    return tokenizer
-
-
-def end_of_turn_token(tokenizer) -> str:
-    """The token that ends an assistant turn: ours or ChatML's, whichever the template writes; else EOS."""
-    vocab, template = tokenizer.get_vocab(), tokenizer.chat_template or ""
-    found = (t for t in (END_OF_TURN, "<|im_end|>") if t in vocab and t in template)
-    return next(found, tokenizer.eos_token)
 
 
 def load_chat_records(path: Path, tokenizer, max_length: int, masks: bool) -> tuple[list[dict], Counter]:
@@ -264,7 +207,7 @@ def run_sft(recipe, force: bool = False) -> Path:
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer_for(base)
     if cfg.assistant_only_loss:
-        with_generation_markers(tokenizer)
+        adopt_chat_template(tokenizer)
     opts = {"max_length": cfg.max_length, "masks": cfg.assistant_only_loss}
     train, skipped_train = load_chat_records(train_file, tokenizer, **opts)
     if not train:

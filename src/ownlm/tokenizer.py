@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field
 
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, sha256_tree, stage_dir
+from ownlm.chat_templates import CHAT_TEMPLATE
 from ownlm.config import StrictModel
 from ownlm.data.records import iter_jsonl
 from ownlm.errors import OwnlmError
@@ -23,52 +24,6 @@ END_OF_TURN = "<|end|>"
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
 SPECIAL_TOKENS = (BOS, EOS, PAD, END_OF_TURN, *ROLE_TOKENS)
-
-# One role token, the content, then the end-of-turn token; assistant content (and its end-of-turn
-# token, which the model must learn to emit) sits inside {% generation %} for loss masking.
-# Tool use follows ownlm.tools' convention: `tools` (OpenAI schemas) are listed, one JSON per line,
-# at the end of the system turn (a system turn is created when there is none); an assistant
-# message's `tool_calls` are written `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-# after its content, one per line, inside the generation markers so the model learns to emit them;
-# tool results are plain `<|tool|>result<|end|>` turns, not trained. Arguments given as a JSON string
-# (OpenAI's format) are embedded as is, so pass `json.dumps(args)` strings or dicts. Newlines are
-# written as `{{ '\n' }}` because transformers' Jinja environment trims newlines after block tags.
-TOOLS_PREAMBLE = (
-    "You can call these tools. To call one, reply with "
-    '<tool_call>{"name": NAME, "arguments": {...}}</tool_call> and its result comes back in a tool turn.'
-)
-CHAT_TEMPLATE = (
-    "{% macro tool_block() %}"
-    + TOOLS_PREAMBLE
-    + "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{% endmacro %}"
-    "{{ bos_token }}"
-    "{% if tools and (not messages or messages[0]['role'] != 'system') %}"
-    "<|system|>{{ tool_block() }}<|end|>"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
-    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}"
-    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
-    "{% if message['tool_calls'] %}{% for call in message['tool_calls'] %}"
-    "{% if call['function'] is defined %}{% set fn = call['function'] %}"
-    "{% else %}{% set fn = call %}{% endif %}"
-    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
-    '<tool_call>{"name": {{ fn[\'name\'] | tojson }}, "arguments": '
-    "{% if fn['arguments'] is string %}{{ fn['arguments'] }}"
-    "{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
-    "}</tool_call>"
-    "{% endfor %}{% endif %}"
-    "<|end|>{% endgeneration %}"
-    "{% elif loop.first and message['role'] == 'system' and tools %}"
-    "{{ message['content'] }}{{ '\\n\\n' }}{{ tool_block() }}<|end|>"
-    "{% else %}{{ message['content'] }}<|end|>{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 class TokenizerConfig(StrictModel):
