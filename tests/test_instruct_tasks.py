@@ -15,6 +15,7 @@ from ownlm.instruct.tasks import (
     generate_tool_use,
     safe_eval,
     tool_call_ok,
+    tool_call_wellformed,
 )
 
 
@@ -93,3 +94,11 @@ def test_tool_call_ok():
     assert not tool_call_ok(_msg(args='{"expression": "__import__(\'os\')"}'), 0)
     assert not tool_call_ok({"role": "assistant", "content": "178377"}, 178377)
     assert not tool_call_ok("not a message", 1)  # type: ignore[arg-type]
+
+
+def test_tool_call_wellformed_ignores_the_value_but_not_the_shape():
+    assert tool_call_wellformed(_msg()) and tool_call_wellformed(_msg(args='{"expression": "79-7"}'))
+    assert not tool_call_wellformed(_msg(args='{"expression": "79-"}'))  # the tool would refuse it
+    assert not tool_call_wellformed(_msg(args='{"expr": "79-7"}'))
+    assert not tool_call_wellformed(_msg(args="{expression: 4821*37}"))
+    assert not tool_call_wellformed(_msg(name="calc")) and not tool_call_wellformed(_msg(n=2))

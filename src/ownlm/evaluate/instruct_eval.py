@@ -4,8 +4,10 @@
   task's own checker (`ownlm.instruct.tasks.check`);
 - format_ok: the reply ends with the model's end-of-turn token before the token budget runs out,
   and no role marker (another turn) leaks into it;
-- tool_call_ok: offered the calculator, the first reply to a held-out tool-use prompt is exactly
-  one well-formed calculator call whose expression evaluates to the right answer.
+- tool_call_wellformed: offered the calculator, the first reply to a held-out tool-use prompt is
+  exactly one calculator call with a JSON object of arguments holding an expression the tool runs;
+- tool_call_ok: that call's expression also evaluates to the right answer (the model copied the
+  numbers and the operator correctly).
 Greedy decoding, so a score is a property of the model, not of a sampling seed.
 """
 
@@ -63,7 +65,7 @@ def load_test_records(instruct_dir: Path, limit: int | None = None) -> tuple[lis
 def evaluate_instruct(
     model, tokenizer, tasks: list[dict], tool_records: list[dict], max_new_tokens: int = 48
 ) -> dict:
-    from ownlm.instruct.tasks import check, tool_call_ok
+    from ownlm.instruct.tasks import check, tool_call_ok, tool_call_wellformed
     from ownlm.tools import parse_tool_calls
 
     model.eval()
@@ -76,18 +78,38 @@ def evaluate_instruct(
         )
         exact += check(rec["meta"], clean.strip())
         fmt += ended and not any(m in reply for m in ROLE_MARKERS)
-    calls = 0
+    calls = formed = 0
     for rec in tool_records:
         user = [m for m in rec["messages"] if m["role"] in ("system", "user")][:1]
         reply, _ = _generate(model, tokenizer, user, rec["tools"], max_new_tokens)
         content, parsed = parse_tool_calls(reply)
         message = {"role": "assistant", "content": content, "tool_calls": parsed}
         calls += tool_call_ok(message, rec["meta"]["answer"])
+        formed += tool_call_wellformed(message)
     n, m = len(tasks), len(tool_records)
     return {
         "exact_match": exact / n if n else None,
         "format_ok": fmt / n if n else None,
         "tool_call_ok": calls / m if m else None,
+        "tool_call_wellformed": formed / m if m else None,
         "n": n,
         "n_tool": m,
     }
+
+
+def evaluate_chat_tools(model, tokenizer, tool_records: list[dict], max_new_tokens: int = 48) -> dict:
+    """The whole loop `ownlm chat` runs: offered the calculator, does the model call it, does the
+    tool run on what it wrote (no `error:` result), and does the final reply give the answer?"""
+    from ownlm.chat import ChatSession
+    from ownlm.instruct.tasks import check
+
+    ran = answered = 0
+    for rec in tool_records:
+        results: list[str] = []
+        session = ChatSession(model, tokenizer, on_tool=lambda _n, _a, r, out=results: out.append(r))
+        user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
+        reply = session.send(user, max_new_tokens=max_new_tokens, temperature=0)
+        ran += bool(results) and not any(r.startswith("error:") for r in results)
+        answered += check({"answer": rec["meta"]["answer"], "match": "last_number"}, reply)
+    m = len(tool_records)
+    return {"chat_tool_ran": ran / m if m else None, "chat_answer_ok": answered / m if m else None}

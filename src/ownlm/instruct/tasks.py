@@ -213,21 +213,31 @@ def safe_eval(expression: str) -> str:
     return safe_calculate(expression)
 
 
-def tool_call_ok(message: Record, expected_expression_value: int | float | str) -> bool:
-    """One well-formed `calculator` call whose expression evaluates to the expected value."""
+def _calculator_expression(message: Record) -> str | None:
+    """The expression of a message that is exactly one calculator call with valid arithmetic."""
     if not isinstance(message, dict) or message.get("role") != "assistant":
-        return False
+        return None
     calls = message.get("tool_calls")
     if not isinstance(calls, list) or len(calls) != 1 or not isinstance(calls[0], dict):
-        return False
+        return None
     call = calls[0]
     fn = call.get("function")
     if call.get("type") != "function" or not isinstance(fn, dict) or fn.get("name") != "calculator":
-        return False
+        return None
     try:
         args = json.loads(fn.get("arguments", ""))
-        return isinstance(args, dict) and Fraction(safe_eval(args["expression"])) == Fraction(
-            str(expected_expression_value)
-        )
+        safe_eval(args["expression"])
+        return args["expression"]
     except (TypeError, KeyError, ValueError, json.JSONDecodeError):
-        return False
+        return None
+
+
+def tool_call_wellformed(message: Record) -> bool:
+    """One calculator call whose arguments are a JSON object with an expression the tool accepts."""
+    return _calculator_expression(message) is not None
+
+
+def tool_call_ok(message: Record, expected_expression_value: int | float | str) -> bool:
+    """A well-formed calculator call whose expression evaluates to the expected value."""
+    expr = _calculator_expression(message)
+    return expr is not None and Fraction(safe_eval(expr)) == Fraction(str(expected_expression_value))
