@@ -1,0 +1,1 @@
+"""Alignment: preference pairs, the reward model, DPO, PPO and Constitutional AI."""
