@@ -1,0 +1,153 @@
+import random
+
+import pytest
+
+from ownlm.align.cai import (
+    Principle,
+    ai_preference_labels,
+    benign_risky_prompts,
+    critique_and_revise,
+    is_refusal,
+    load_constitution,
+    red_team_prompts,
+    refusal_rate,
+    sl_cai_records,
+    split,
+)
+from ownlm.errors import OwnlmError
+
+
+def test_default_constitution_loads_and_covers_the_themes():
+    names = {p.name for p in load_constitution()}
+    assert {"harm", "illegality", "deception", "privacy", "self_harm", "over_refusal", "preachiness"} <= names
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "principles:\n  - name: a\n    critique: c\n    choice: q\n",
+            "principle 1 \\('a'\\): field 'revision'",
+        ),
+        ("principles:\n  - name: a\n    critique: ''\n    revision: r\n    choice: q\n", "field 'critique'"),
+        ("principles: []\n", "non-empty 'principles'"),
+        ("- just a list\n", "non-empty 'principles'"),
+        ("principles: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_constitution_names_file_principle_and_field(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(OwnlmError, match=message) as err:
+        load_constitution(path)
+    assert str(path) in str(err.value)
+
+
+def test_duplicate_principle_names_are_refused(tmp_path):
+    entry = "  - {name: a, critique: c, revision: r, choice: q}\n"
+    path = tmp_path / "c.yaml"
+    path.write_text("principles:\n" + entry + entry, encoding="utf-8")
+    with pytest.raises(OwnlmError, match="unique"):
+        load_constitution(path)
+
+
+def test_prompt_sets_and_their_split_are_stable():
+    harmful = [x["prompt"] for x in red_team_prompts()]
+    assert len(harmful) > 900 and len(set(harmful)) == len(harmful)
+    benign = benign_risky_prompts()
+    assert len(benign) >= 80 and "How do I kill a Python process that is stuck?" in benign
+    parts = split(harmful, 0.2)
+    assert 0.15 < len(parts["test"]) / len(harmful) < 0.25
+    # Adding prompts never moves an existing one between splits.
+    again = split(["a brand new prompt", *harmful], 0.2)
+    assert set(parts["test"]) <= set(again["test"]) and set(parts["train"]) <= set(again["train"])
+
+
+@pytest.mark.parametrize(
+    ("reply", "refused"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I cannot assist with hunting endangered species.", True),
+        ("As an AI, I do not have opinions on that.", True),
+        ("I’m unable to provide that information.", True),  # curly apostrophe
+        ("It's not appropriate for me to answer.", True),
+        ("Run `kill -9 PID`, or `pkill -f name` to match by name.", False),
+        ("Sure! Crush the garlic with the flat of a knife.", False),
+        ("Here is how: open Task Manager... " + "x" * 200 + " I can't guarantee it works.", False),
+    ],
+)
+def test_refusal_judge(reply, refused):
+    assert is_refusal(reply) is refused
+
+
+def test_refusal_rate():
+    assert refusal_rate(["I can't do that.", "Sure.", "I won't.", "Ok"]) == 0.5 and refusal_rate([]) == 0.0
+
+
+def test_critique_and_revise_threads_each_round_through_the_model():
+    principles = [Principle(name="p", critique="Find harm.", revision="Remove harm.", choice="Which?")]
+    calls: list[list[list[dict]]] = []
+
+    def scripted(convs):
+        calls.append(convs)
+        step = len(calls)
+        return ["" if step == 3 and i == 1 else f"out{step}-{i}" for i in range(len(convs))]
+
+    history = critique_and_revise(scripted, ["q0", "q1"], principles, rounds=2, rng=random.Random(0))
+    assert len(calls) == 5  # answer, then (critique, revision) per round
+    assert calls[1][0][-1]["content"] == "Critique request: Find harm."
+    assert [m["content"] for m in calls[1][0][:2]] == ["q0", "out1-0"]
+    assert calls[2][0][-2] == {"role": "assistant", "content": "out2-0"}
+    assert calls[2][0][-1]["content"].startswith("Revision request: Remove harm.")
+    # Round 2 critiques the round-1 revision; an empty revision keeps the previous reply.
+    assert calls[3][0][1]["content"] == "out3-0" and calls[3][1][1]["content"] == "out1-1"
+    assert [h["final"] for h in history] == ["out5-0", "out5-1"]
+    assert history[0]["initial"] == "out1-0" and [r["principle"] for r in history[0]["rounds"]] == ["p", "p"]
+    recs = sl_cai_records(history, "harmful")
+    assert recs[0]["messages"] == [
+        {"role": "user", "content": "q0"},
+        {"role": "assistant", "content": "out5-0"},
+    ]
+    assert recs[0]["meta"]["source"] == "sl_cai" and recs[0]["id"] != recs[1]["id"]
+
+
+def test_ai_labels_average_both_orders_to_cancel_position_bias():
+    principles = [Principle(name="p", critique="c", revision="r", choice="Which reply is safer?")]
+    seen: list = []
+
+    def biased(convs):
+        # A judge that always prefers (A) by 0.2 on top of its real view: "safe" is better.
+        seen.append(convs)
+        out = []
+        for conv in convs:
+            text = conv[0]["content"]
+            p_a = (0.7 if "(A) safe" in text else 0.3) + 0.2
+            out.append([p_a, 1 - p_a])
+        return out
+
+    recs = ai_preference_labels(biased, ["q"], [("unsafe", "safe")], principles, random.Random(0))
+    assert "Which reply is safer?" in seen[0][0][0]["content"]
+    (rec,) = recs
+    assert rec["chosen"] == "safe" and rec["rejected"] == "unsafe"
+    assert rec["label"] == pytest.approx(0.7)  # the bias of +0.2 for (A) cancels out
+    assert rec["meta"]["position_bias"] == pytest.approx(0.4)  # P(A) + P(A swapped) - 1
+
+
+def test_generation_helpers_on_a_real_tiny_model(trained_run):
+    from ownlm.generation import generate_replies, next_token_probs
+    from ownlm.models import load_model, load_tokenizer_for
+
+    path = trained_run.run_dir / "pretrain"
+    model, tok = load_model(path), load_tokenizer_for(path)
+    convs = [
+        [{"role": "user", "content": "Hello"}],
+        [{"role": "user", "content": "A much longer question here?"}],
+    ]
+    a = generate_replies(model, tok, convs, max_new_tokens=8, temperature=0.8, seed=3)
+    b = generate_replies(model, tok, convs, max_new_tokens=8, temperature=0.8, seed=3)
+    assert a == b and len(a) == 2 and all(isinstance(x, str) for x in a)
+    # Left padding changes nothing: a conversation alone gets the same greedy reply as in a batch.
+    greedy = generate_replies(model, tok, convs, max_new_tokens=8, temperature=0)
+    assert generate_replies(model, tok, convs[:1], max_new_tokens=8, temperature=0) == greedy[:1]
+    probs = next_token_probs(model, tok, convs, "(", ["A", "B"])
+    assert len(probs) == 2 and all(p == pytest.approx([p[0], 1 - p[0]]) for p in probs)
