@@ -9,9 +9,16 @@ reproducible. The serving engine (`ownlm.serve.engine`) is the online path for t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
+from ownlm.errors import OwnlmError
+
 Conversation = list[dict]
+
+
+def _as_messages(prompt: str | Conversation) -> Conversation:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def render_prompts(
@@ -25,67 +32,76 @@ def render_prompts(
     return out
 
 
-def generate_replies(
+def sample_replies(
     model,
     tokenizer,
-    conversations: Sequence[Conversation],
+    prompts: Sequence[str | Conversation],
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.7,
+    n: int = 1,
+    temperature: float = 1.0,
     top_p: float = 1.0,
+    max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 16,
-    prefix: str = "",
-) -> list[str]:
-    """One assistant reply per conversation (special tokens removed, whitespace stripped).
+) -> list[list[str]]:
+    """`n` replies per prompt (one greedy reply when `temperature` is 0), stopped at end of turn.
 
-    `prefix` is text the assistant's turn starts with (e.g. "The answer is: ("); the reply returned
-    is what the model wrote after it. Prompts longer than the model's context lose their oldest
-    tokens, so the generation prompt at the end is always kept.
+    Batched `model.generate` with left padding on chat-template renderings; each batch is seeded
+    from (`seed`, its first prompt) so reruns agree. The one generation function of `align/`: the
+    serving engine can take its place without the callers changing. A prompt that leaves no room for
+    a reply in the model's context is an error (callers filter by length first).
     """
     import torch
 
     from ownlm.chat import stop_ids
 
-    prompts = render_prompts(tokenizer, conversations)
-    if prefix:
-        extra = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        prompts = [p + extra for p in prompts]
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30) - max_new_tokens
-    prompts = [p[-limit:] if limit > 0 else p for p in prompts]
     stops = stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False}
-    )
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    ids = []
+    for p in prompts:
+        text = tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True)
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote BOS
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad little
+    out: list[list[str]] = [[] for _ in ids]
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else greedy
+    n_ret = n if temperature > 0 else 1
+    was_training = model.training
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    by_index: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        torch.manual_seed(seed + start)
+    rows_per_batch = max(1, batch_size // n_ret)
+    for start in range(0, len(order), rows_per_batch):
+        idx = order[start : start + rows_per_batch]
+        width = max(len(ids[i]) for i in idx)
+        budget = min(max_new_tokens, context - width)
+        if budget < 1:
+            raise OwnlmError(f"a {width}-token prompt leaves no room in the model's {context}-token context")
+        x = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in idx], device=model.device)
+        mask = torch.tensor(
+            [[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in idx], device=model.device
+        )
+        key = hashlib.sha256(f"{seed}\0{ids[idx[0]]}".encode()).digest()
+        torch.manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
         with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_new_tokens,
+            gen = model.generate(
+                input_ids=x,
+                attention_mask=mask,
+                max_new_tokens=budget,
+                num_return_sequences=n_ret,
                 eos_token_id=stops,
                 pad_token_id=pad,
                 **sampling,
             )
-        for row, i in enumerate(idx):
-            new = out[row, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-            by_index[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    return [by_index[i] for i in range(len(prompts))]
+        for r, row in enumerate(gen[:, width:].tolist()):
+            end = next((k for k, t in enumerate(row) if t in stops), len(row))
+            out[idx[r // n_ret]].append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+def generate_replies(model, tokenizer, conversations: Sequence[Conversation], **kw) -> list[str]:
+    """One reply per conversation (`sample_replies` with n=1; same keywords)."""
+    return [r[0] for r in sample_replies(model, tokenizer, conversations, n=1, **kw)]
 
 
 def next_token_probs(

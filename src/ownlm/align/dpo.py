@@ -29,11 +29,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from ownlm.align.preferences import Messages, Pair, pair_files, read_pairs, sample_responses
+from ownlm.align.preferences import Messages, Pair, pair_files, read_pairs
 from ownlm.align.reward import _lora_config, metrics_callback, plot_metrics, score, training_args
 from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir
 from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
+from ownlm.generation import sample_replies
 from ownlm.progress import console
 
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
@@ -241,7 +242,7 @@ def win_rate(
     replies = []
     for model, tok in ((model_a, tokenizer_a), (model_b, tokenizer_b)):
         m, t = _policy(model, tok)
-        out = sample_responses(
+        out = sample_replies(
             m, t, prompts, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         replies.append([r[0] for r in out])

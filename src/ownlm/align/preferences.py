@@ -26,7 +26,7 @@ uses the record's reference answer as chosen (`meta.chosen_source` says which). 
 sample is correct carry no preference and are counted (`all_correct`). The split into train/val is a
 stable hash of the prompt, so a prompt never straddles the two and reruns agree.
 
-Generation is `sample_responses`: plain batched `model.generate`, one function, so the serving
+Generation is `ownlm.generation.sample_replies`: plain batched `model.generate`, so the serving
 engine can replace it later without touching the judge.
 """
 
@@ -47,6 +47,7 @@ from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
 from ownlm.config import StrictModel
 from ownlm.data.records import decode_utf8
 from ownlm.errors import OwnlmError
+from ownlm.generation import sample_replies
 from ownlm.instruct.formats import ROLES
 
 Pair = dict[str, Any]
@@ -209,71 +210,6 @@ def split_of(prompt: str | Messages, val_fraction: float) -> str:
 # --------------------------------------------------------------------------------- generation
 
 
-def sample_responses(
-    model,
-    tokenizer,
-    prompts: Sequence[str | Messages],
-    *,
-    n: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    batch_size: int = 16,
-) -> list[list[str]]:
-    """`n` replies per prompt (one greedy reply when `temperature` is 0), stopped at end of turn.
-
-    Batched `model.generate` with left padding on chat-template renderings; each batch is seeded
-    from (`seed`, its first prompt) so reruns agree. The one generation function of `align/`: the
-    serving engine can take its place without the callers changing.
-    """
-    import torch
-
-    from ownlm.chat import stop_ids
-
-    stops = stop_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-    ids = []
-    for p in prompts:
-        text = tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote BOS
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad little
-    out: list[list[str]] = [[] for _ in ids]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else {}
-    n_ret = n if temperature > 0 else 1
-    was_training = model.training
-    model.eval()
-    rows_per_batch = max(1, batch_size // n_ret)
-    for start in range(0, len(order), rows_per_batch):
-        idx = order[start : start + rows_per_batch]
-        width = max(len(ids[i]) for i in idx)
-        budget = min(max_new_tokens, context - width)
-        if budget < 1:
-            raise OwnlmError(f"a {width}-token prompt leaves no room in the model's {context}-token context")
-        x = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in idx], device=model.device)
-        mask = torch.tensor(
-            [[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in idx], device=model.device
-        )
-        key = hashlib.sha256(f"{seed}\0{ids[idx[0]]}".encode()).digest()
-        torch.manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=x,
-                attention_mask=mask,
-                max_new_tokens=budget,
-                num_return_sequences=n_ret,
-                eos_token_id=stops,
-                pad_token_id=pad,
-                **sampling,
-            )
-        for r, row in enumerate(gen[:, width:].tolist()):
-            end = next((k for k, t in enumerate(row) if t in stops), len(row))
-            out[idx[r // n_ret]].append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-    model.train(was_training)
-    return out
-
-
 # ------------------------------------------------------------------------------------ the judge
 
 
@@ -398,7 +334,7 @@ def build_verifiable_pairs(
         raise OwnlmError(
             f"every verifiable prompt is too long for {max_prompt} tokens (skipped {dict(skipped)})"
         )
-    samples = sample_responses(
+    samples = sample_replies(
         model,
         tokenizer,
         [r["messages"][:-1] for r in fit],
