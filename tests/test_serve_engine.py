@@ -328,6 +328,14 @@ def test_prefix_cache_reuses_shared_prefix_with_identical_outputs(model, tokeniz
     first, again = warm.generate([whole], greedy(10))[0], warm.generate([whole], greedy(10))[0]
     assert (first.metrics.cached_tokens, again.metrics.cached_tokens) == (32, 47)
     assert tokens([first]) == tokens([again]) == tokens(cold.generate([whole], greedy(10)))
+    # A follow-up turn (prompt + reply + more) also reuses the reply's KV, not only the prompt's.
+    reply = warm.generate([batch[1]], greedy(20))[0].outputs[0].token_ids
+    follow = batch[1] + reply + prompts[5]
+    hit = warm.generate([follow], greedy(10))[0]
+    assert (
+        len(batch[1]) // 16 * 16 == 48 and hit.metrics.cached_tokens == (len(batch[1]) + 19) // 16 * 16 == 64
+    )
+    assert tokens([hit]) == tokens(cold.generate([follow], greedy(10)))
 
 
 def test_streaming_never_splits_a_utf8_character(utf8_model, tokenizer):
@@ -384,3 +392,22 @@ def test_async_interface_streams_cancels_and_reports_metrics(model, tokenizer, p
     assert 0 < m.ttft <= m.e2e and len(m.itl) == 11 and all(x >= 0 for x in m.itl)
     with pytest.raises(OwnlmError, match="temperature"):
         engine.add_request(prompts[0], SamplingParams(temperature=-1))
+
+
+def test_unsupported_attention_or_architecture_is_refused(tokenizer, prompts):
+    flex = _build(tokenizer)
+    flex.config._attn_implementation = "flex_attention"
+    with pytest.raises(OwnlmError, match="'flex_attention' is not supported"):
+        make_engine(flex, tokenizer)
+    eager = _build(tokenizer)
+    eager.set_attn_implementation("eager")
+    assert tokens(make_engine(eager, tokenizer).generate([prompts[2]], greedy(8))) == [
+        hf_greedy(eager, prompts[2], 8)
+    ]
+    # A model that ignores the per-row position ids (positions from its own counter) fails the self-check.
+    odd = _build(tokenizer)
+    rotary = odd.model.rotary_emb
+    plain = rotary.forward
+    rotary.forward = lambda x, position_ids: plain(x, torch.arange(x.shape[1])[None].expand_as(position_ids))
+    with pytest.raises(OwnlmError, match="not supported"):
+        make_engine(odd, tokenizer)

@@ -95,6 +95,9 @@ class EngineConfig:
     prefix_block: int = 16  # tokens per prefix-cache block
     max_prefill_tokens: int = 512  # prompt tokens computed per step (longer prompts go in chunks)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # max_tokens of requests that set none (capped by the context; None: all the context leaves).
+    # Each request reserves prompt + max_tokens of KV, so this sets how many fit at once.
+    default_max_tokens: int | None = 512
     seq_block: int = 64  # row lengths are padded to a multiple of this
     self_check: bool = True  # compare engine logits with plain forwards once at start
 
@@ -365,15 +368,37 @@ class Engine:
     # ------------------------------------------------------------------------------------------------
     # Public interface
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt: a string (the tokenizer's special tokens added, e.g. BOS), token
-        ids, or chat messages (rendered with the chat template and the generation prompt)."""
+        ids, or chat messages (rendered with the chat template, `tools` listed, and the generation
+        prompt; as `ownlm chat` renders them)."""
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
         if prompt and isinstance(prompt[0], dict):
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                prompt, tools=tools or None, tokenize=False, add_generation_prompt=True
+            )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return [int(t) for t in prompt]
+
+    def _admissible(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt's ids and the request's max_tokens, or RequestRejected."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise RequestRejected("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - len(ids)
+            if self.config.default_max_tokens is not None:
+                max_tokens = min(max_tokens, self.config.default_max_tokens)
+            if max_tokens < 1:
+                raise RequestRejected(
+                    f"the prompt has {len(ids)} tokens; the engine's context is {self.max_model_len}"
+                )
+        self.scheduler.check(len(ids), max_tokens, params.n)
+        return ids, max_tokens
 
     def add_request(
         self,
@@ -387,21 +412,8 @@ class Engine:
         can never run, and OwnlmError for invalid parameters."""
         params = params or SamplingParams()
         params.validate()
-        ids = self.encode(prompt)
-        if not ids:
-            raise RequestRejected("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - len(ids)
-            if max_tokens < 1:
-                self._stats.requests_rejected += 1
-                raise RequestRejected(
-                    f"the prompt has {len(ids)} tokens; the engine's context is {self.max_model_len}"
-                )
         try:
-            self.scheduler.check(len(ids), max_tokens, params.n)
+            ids, max_tokens = self._admissible(prompt, params)
         except RequestRejected:
             self._stats.requests_rejected += 1
             raise
@@ -763,7 +775,12 @@ class Engine:
         i = len(rows) - 1
         changed = False
         while i >= 0:
-            if rows[i].finish_reason is not None:
+            seq = rows[i]
+            if seq.finish_reason is not None:
+                if seq.finish_reason in ("stop", "length") and seq.index == 0 and self.prefix.enabled:
+                    # The reply's KV too: a follow-up turn repeats this conversation as its prefix.
+                    done = seq.length - len(seq.req.prompt_ids)
+                    self.prefix.insert(seq.req.prompt_ids + seq.tokens[:done], self.cache.kv, i)
                 last = len(rows) - 1
                 if i != last:
                     self.cache.move_row(last, i, rows[last].length)

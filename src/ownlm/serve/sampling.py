@@ -29,7 +29,7 @@ from ownlm.errors import OwnlmError
 class SamplingParams:
     """How one request is decoded. Defaults follow OpenAI's API (temperature 1, no filtering)."""
 
-    max_tokens: int | None = None  # None: whatever the context leaves after the prompt
+    max_tokens: int | None = None  # None: the engine's default_max_tokens, capped by the context
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) = off
