@@ -98,6 +98,15 @@ def data_instruct(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOp
     print(run_instruct(_recipe(recipe, ctx), force=force))
 
 
+@data_app.command("augment", context_settings=OVERRIDES)
+@user_errors
+def data_augment(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """Model-written instruction data (Self-Instruct, paraphrase), filtered, into runs/<run>/augment/."""
+    from ownlm.instruct.augment import run_augment
+
+    print(run_augment(_recipe(recipe, ctx), force=force))
+
+
 @app.command(context_settings=OVERRIDES)
 @user_errors
 def tokenizer(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:

@@ -28,6 +28,7 @@ def _stage_types() -> dict[str, type[StrictModel]]:
     # Imported here so `ownlm --help` does not pay for torch/transformers.
     from ownlm.data.clean import CleanConfig
     from ownlm.data.stage import DataConfig
+    from ownlm.instruct.augment import AugmentConfig
     from ownlm.instruct.stage import InstructConfig
     from ownlm.models import ModelConfig
     from ownlm.pretrain import PretrainConfig
@@ -41,19 +42,23 @@ def _stage_types() -> dict[str, type[StrictModel]]:
         "model": ModelConfig,
         "pretrain": PretrainConfig,
         "instruct": InstructConfig,
+        "augment": AugmentConfig,
         "sft": SFTConfig,
     }
 
 
-STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "sft")
+STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft")
+# `augment` (model-written instruction data) costs minutes of generation: a recipe opts in.
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "augment")
 
 
 class RecipeBase(StrictModel):
     name: str = Field("tiny", description="Run name: artifacts go to runs_dir/name/<stage>/.")
     runs_dir: str = Field("runs", description="Folder holding all runs.")
     seed: int = Field(1337, description="Seed for every random choice of every stage.")
-    stages: list[Literal["data", "clean", "tokenizer", "pretrain", "instruct", "sft"]] = Field(
-        default_factory=lambda: list(STAGES), description="Stages `ownlm run` runs, in pipeline order."
+    stages: list[Literal["data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft"]] = Field(
+        default_factory=lambda: list(DEFAULT_STAGES),
+        description="Stages `ownlm run` runs, in pipeline order (augment only when listed).",
     )
 
     @property

@@ -18,6 +18,7 @@ from ownlm.progress import console
 def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
     from ownlm.data.clean import run_clean
     from ownlm.data.stage import run_data
+    from ownlm.instruct.augment import run_augment
     from ownlm.instruct.stage import run_instruct
     from ownlm.pretrain import run_pretrain
     from ownlm.sft import run_sft
@@ -29,6 +30,7 @@ def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
         "tokenizer": run_tokenizer,
         "pretrain": run_pretrain,
         "instruct": run_instruct,
+        "augment": run_augment,
         "sft": run_sft,
     }
     wanted = set(recipe.stages)

@@ -38,7 +38,9 @@ class SFTConfig(StrictModel):
         "pretrain",
         description="'pretrain' (this run's artifact), an HF dir, a .gguf, or smollm2-135m-instruct.",
     )
-    data_dir: str | None = Field(None, description="train.jsonl (+ val.jsonl) dir; default runs/R/instruct.")
+    data_dir: str | None = Field(
+        None, description="train.jsonl (+ val.jsonl) dir; default runs/R/augment if a stage, else R/instruct."
+    )
     method: Literal["full", "lora"] = Field("lora", description="Full fine-tune, or LoRA merged at the end.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
@@ -183,10 +185,12 @@ def _base_dir(recipe, cfg: SFTConfig) -> tuple[Path, str]:
 
 
 def run_sft(recipe, force: bool = False) -> Path:
-    """The `sft` stage: runs/<run>/sft/, a merged HF model trained on runs/<run>/instruct/."""
+    """The `sft` stage: runs/<run>/sft/, a merged HF model trained on runs/<run>/augment/ when the
+    recipe lists that stage, else on runs/<run>/instruct/ (or on `sft.data_dir`)."""
     cfg: SFTConfig = recipe.sft
     out = recipe.run_dir / "sft"
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else recipe.run_dir / "instruct"
+    data_stage = "augment" if "augment" in getattr(recipe, "stages", ()) else "instruct"
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else recipe.run_dir / data_stage
     train_file, val_file = data_dir / "train.jsonl", data_dir / "val.jsonl"
     if not train_file.is_file():
         raise OwnlmError(f"{data_dir}: no train.jsonl (run the instruction data stage, or set sft.data_dir)")
