@@ -12,7 +12,7 @@ import torch
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
-from ownlm.serve.engine import Engine, EngineConfig, RequestRejected, SamplingParams
+from ownlm.serve.engine import Engine, EngineConfig, EngineError, RequestRejected, SamplingParams
 
 UTF8_TEXT = "Grüße, 你好世界! naïve café 🙂 — über 東京 ✓"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -411,3 +411,21 @@ def test_unsupported_attention_or_architecture_is_refused(tokenizer, prompts):
     rotary.forward = lambda x, position_ids: plain(x, torch.arange(x.shape[1])[None].expand_as(position_ids))
     with pytest.raises(OwnlmError, match="not supported"):
         make_engine(odd, tokenizer)
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(model, tokenizer, prompts):
+    engine = make_engine(model, tokenizer)
+    real = engine._forward_decode
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args)
+
+    engine._forward_decode = flaky
+    with pytest.raises(EngineError, match="boom"):
+        engine.generate(prompts[:2], greedy(8))
+    assert not engine.has_unfinished() and engine.stats().running_seqs == 0
+    assert engine.generate(prompts[:2], greedy(8))[1].outputs[0].token_ids == hf_greedy(model, prompts[1], 8)
