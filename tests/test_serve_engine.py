@@ -292,6 +292,8 @@ def test_kv_limit_queues_requests_and_rejects_impossible_ones(model, tokenizer, 
     with pytest.raises(RequestRejected, match="context is 256"):
         engine.add_request(prompts[3], greedy(250))
     assert engine.stats().requests_rejected == 3
+    with pytest.raises(OwnlmError, match="less than one row"):
+        make_engine(model, tokenizer, kv_cache_tokens=100, seq_block=64, prefix_cache_fraction=0.5)
 
 
 def test_abort_frees_the_slot(model, tokenizer, prompts):

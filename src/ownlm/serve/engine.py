@@ -338,6 +338,11 @@ class Engine:
         else:
             total = (cfg.kv_cache_bytes if cfg.kv_cache_bytes is not None else 2**30) // bpt
         prefix_tokens = int(total * cfg.prefix_cache_fraction) // cfg.prefix_block * cfg.prefix_block
+        if total - prefix_tokens < cfg.seq_block or not 0 <= cfg.prefix_cache_fraction < 1:
+            raise OwnlmError(
+                f"engine: a KV budget of {total} tokens ({bpt} bytes each) with prefix_cache_fraction "
+                f"{cfg.prefix_cache_fraction} leaves less than one row of seq_block={cfg.seq_block} tokens"
+            )
         self.cache = SlotKVCache(
             mcfg,
             dtype=self.dtype,
@@ -711,7 +716,7 @@ class Engine:
                 rows_logits.append(i)
                 samplers.append(seq.sampler)
                 seqs.append(seq)
-        batch = logits[rows_logits].float()
+        batch = logits[rows_logits].float().cpu()  # sampling runs on the CPU
         tokens, lps = sample(batch, samplers)
         now = time.perf_counter()
         for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
@@ -728,7 +733,7 @@ class Engine:
             [s.last_token if s.active else self.pad_id for s in rows], [s.length for s in rows]
         )
         active = [i for i, s in enumerate(rows) if s.active]
-        batch = logits.float() if len(active) == len(rows) else logits[active].float()
+        batch = (logits if len(active) == len(rows) else logits[active]).float().cpu()
         seqs = [rows[i] for i in active]
         tokens, lps = sample(batch, [s.sampler for s in seqs])
         now = time.perf_counter()
