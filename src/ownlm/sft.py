@@ -56,6 +56,11 @@ class SFTConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="Forward passes accumulated per optimizer step.")
     max_length: int = Field(1024, ge=8, description="Longest tokenised conversation; longer are skipped.")
     packing: bool = Field(False, description="Pack conversations into max_length rows (TRL's BFD packing).")
+    group_by_length: bool = Field(
+        True,
+        description="Batch conversations of similar length (less padding: tool chats with a long schema "
+        "no longer pad every short chat in their batch). Ignored with packing.",
+    )
     assistant_only_loss: bool = Field(True, description="Loss on assistant turns only (prompts are context).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (CUDA).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, else fp32.")
@@ -152,6 +157,8 @@ def make_trainer(
     schedule |= dict(warmup_steps=warmup, lr_scheduler_type="cosine", seed=seed, data_seed=seed)
     batches = dict(per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum)
     batches |= dict(per_device_eval_batch_size=cfg.batch_size, max_length=cfg.max_length, packing=cfg.packing)
+    grouped = cfg.group_by_length and not cfg.packing
+    batches |= dict(train_sampling_strategy="group_by_length" if grouped else "random")
     # TRL defaults bf16 and gradient checkpointing on; CPUs want neither, nor a fused AdamW. The
     # checkpointing flag goes by its transformers 5 name: the old one warns.
     device = dict(bf16=bf16, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch")
@@ -188,18 +195,26 @@ def run_sft(recipe, force: bool = False) -> Path:
     """The `sft` stage: runs/<run>/sft/, a merged HF model trained on runs/<run>/augment/ when the
     recipe lists that stage, else on runs/<run>/instruct/ (or on `sft.data_dir`)."""
     cfg: SFTConfig = recipe.sft
-    out = recipe.run_dir / "sft"
     data_stage = "augment" if "augment" in getattr(recipe, "stages", ()) else "instruct"
     data_dir = Path(cfg.data_dir) if cfg.data_dir else recipe.run_dir / data_stage
-    train_file, val_file = data_dir / "train.jsonl", data_dir / "val.jsonl"
-    if not train_file.is_file():
+    if not (data_dir / "train.jsonl").is_file():
         raise OwnlmError(f"{data_dir}: no train.jsonl (run the instruction data stage, or set sft.data_dir)")
     base, base_hash = _base_dir(recipe, cfg)
     seed = recipe.seed if cfg.seed is None else cfg.seed
+    return train_sft(base, base_hash, data_dir, cfg, recipe.run_dir / "sft", seed=seed, force=force)
+
+
+def train_sft(
+    base: Path, base_hash: str, data_dir: Path, cfg: SFTConfig, out: Path, *, seed: int, force: bool = False
+) -> Path:
+    """Fine-tune `base` on data_dir/train.jsonl (+ val.jsonl) into the artifact `out` (skipped when up to
+    date): the SFT stage's core, also used for Constitutional AI's supervised phase."""
+    train_file, val_file = data_dir / "train.jsonl", data_dir / "val.jsonl"
+    label = out.name
     config = {"sft": cfg.model_dump(), "seed": seed}
     inputs = {"base_model": base_hash, "instruct": artifact_hash(data_dir)}
     if not force and is_up_to_date(out, config, inputs):
-        console.print(f"sft: up to date ({out})")
+        console.print(f"{label}: up to date ({out})")
         return out
 
     import torch
@@ -224,7 +239,7 @@ def run_sft(recipe, force: bool = False) -> Path:
     model = load_model(base)
     model.config.use_cache = False
     AcceleratorState._reset_state()  # a previous stage in this process may have set other options
-    with tempfile.TemporaryDirectory(prefix="ownlm-sft-") as work, stage_dir(out, "sft", config, inputs) as w:
+    with tempfile.TemporaryDirectory(prefix="ownlm-sft-") as work, stage_dir(out, label, config, inputs) as w:
         metrics_path = w.tmp / "metrics.jsonl"
         trainer = make_trainer(cfg, model, tokenizer, train, val, work, seed, [_callback(metrics_path)])
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -255,7 +270,7 @@ def run_sft(recipe, force: bool = False) -> Path:
         w.metrics["examples"] = {"train": len(train), "val": len(val)}
         w.metrics["skipped"] = {"train": dict(skipped_train), "val": dict(skipped_val)}
     val_txt = f", val loss {final_val:.3f}" if final_val is not None else ""
-    console.print(f"sft: {steps} steps{val_txt}; sample: {sample!r}")
+    console.print(f"{label}: {steps} steps{val_txt}; sample: {sample!r}")
     return out
 
 

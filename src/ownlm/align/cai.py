@@ -258,3 +258,163 @@ def ai_preference_labels(
              "meta": {"source": "rl_cai", "principle": pr.name, "position_bias": round(f[0] + s[0] - 1, 6)}}
         )  # fmt: skip
     return out
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def _helpful_prompts(recipe, n: int, benign_train: list[str], rng: random.Random) -> list[str]:
+    """Half benign-but-risky prompts, half ordinary instructions (user turns of the instruction data)."""
+    from ownlm.instruct.formats import iter_instruct_jsonl
+
+    path = recipe.run_dir / "instruct" / "train.jsonl"
+    ordinary = []
+    if path.is_file():
+        ordinary = [
+            r["messages"][0]["content"]
+            for r in iter_instruct_jsonl(path)
+            if r["messages"][0]["role"] == "user" and not r.get("tools")
+        ]
+    benign = rng.sample(benign_train, min(len(benign_train), n // 2))
+    return benign + rng.sample(ordinary, min(len(ordinary), n - len(benign)))
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _user(prompts: Sequence[str]) -> list[Conversation]:
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
+    """SL-CAI then (optionally) RL-CAI on `policy`; `cfg` is the recipe's AlignConfig.
+
+    runs/R/cai/sl_data (critique trail + SFT records) → runs/R/cai/sl (LoRA SFT) → with `rl`:
+    runs/R/cai/pairs (AI-labelled) → runs/R/align (DPO from the SL model); without: the SL model is
+    copied to runs/R/align. Each step is an artifact that is skipped when up to date.
+    """
+    from ownlm.align.dpo import run_dpo
+    from ownlm.align.stage import seeded
+    from ownlm.artifacts import artifact_hash
+    from ownlm.sft import SFTConfig, train_sft
+
+    c = cfg.cai
+    constitution = load_constitution(c.constitution)
+    rng = random.Random(recipe.seed)
+    harmful = split([x["prompt"] for x in red_team_prompts()], c.test_fraction)
+    benign = split(benign_risky_prompts(), c.test_fraction)
+    harm_train = rng.sample(harmful["train"], min(len(harmful["train"]), c.harmful_prompts))
+    helpful = _helpful_prompts(recipe, c.helpful_prompts, benign["train"], rng)
+    root = recipe.run_dir / "cai"
+    config = {
+        "cai": c.model_dump(),
+        "principles": [p.model_dump() for p in constitution],
+        "seed": recipe.seed,
+    }
+    data_dir = _sl_data(policy, harm_train, helpful, constitution, c, config, root / "sl_data", rng, force)
+
+    sft_cfg = SFTConfig(
+        base_model=str(policy), method="lora", max_steps=c.sft_steps, lr=c.sft_lr, batch_size=8,
+        max_length=512, eval_every=max(1, c.sft_steps // 2), sample_prompt=harmful["test"][0],
+    )  # fmt: skip
+    sl = train_sft(
+        policy, artifact_hash(policy), data_dir, sft_cfg, root / "sl", seed=recipe.seed, force=force
+    )
+    out = recipe.run_dir / "align"
+    if not c.rl:
+        return _copy_model(sl, out, force)
+    prompts = rng.sample(harmful["train"], min(len(harmful["train"]), c.rl_prompts // 2))
+    prompts += helpful[: c.rl_prompts - len(prompts)]
+    pairs_dir = _rl_pairs(sl, prompts, constitution, c, config, root / "pairs", rng, force)
+    return run_dpo(sl, pairs_dir, seeded(cfg.dpo, recipe.seed), out, force=force)
+
+
+def _sl_data(policy, harmful, helpful, constitution, c, config, out: Path, rng, force: bool) -> Path:
+    """SL-CAI's SFT data: final revisions of red-team answers, plus plain answers to helpful prompts."""
+    import functools
+
+    from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
+    from ownlm.generation import generate_replies
+    from ownlm.models import load_model, load_tokenizer_for
+
+    inputs = {"policy": artifact_hash(policy), "prompts": sha256_json([harmful, helpful])}
+    if not force and is_up_to_date(out, config, inputs):
+        return out
+    model, tok = load_model(policy), load_tokenizer_for(policy)
+    kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=config["seed"])
+    generate = functools.partial(generate_replies, model, tok, **kw)
+    with stage_dir(out, "cai-sl-data", config, inputs) as w:
+        history = critique_and_revise(generate, harmful, constitution, c.rounds, rng)
+        answers = generate(_user(helpful))
+        plain = [
+            {"prompt": p, "initial": a, "rounds": [], "final": a}
+            for p, a in zip(helpful, answers, strict=True)
+        ]
+        records = sl_cai_records([h for h in history if h["final"].strip()], "harmful")
+        records += sl_cai_records([h for h in plain if h["final"].strip()], "helpful")
+        rng.shuffle(records)
+        n_val = max(1, len(records) // 20)
+        _write_jsonl(w.tmp / "val.jsonl", records[:n_val])
+        _write_jsonl(w.tmp / "train.jsonl", records[n_val:])
+        _write_jsonl(w.tmp / "critiques.jsonl", history)
+        w.metrics = {
+            "harmful": len(harmful), "helpful": len(helpful), "records": len(records),
+            "refusal_rate_initial": refusal_rate([h["initial"] for h in history]),
+            "refusal_rate_revised": refusal_rate([h["final"] for h in history]),
+            "helpful_refusal_rate": refusal_rate(answers),
+        }  # fmt: skip
+    return out
+
+
+def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force: bool) -> Path:
+    """RL-CAI's pairs: two samples per prompt from the SL model, labelled by it as feedback model."""
+    import functools
+
+    from ownlm.align.preferences import write_pairs
+    from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
+    from ownlm.generation import generate_replies, next_token_probs
+    from ownlm.models import load_model, load_tokenizer_for
+
+    inputs = {"sl": artifact_hash(sl), "prompts": sha256_json(prompts)}
+    if not force and is_up_to_date(out, config, inputs):
+        return out
+    model, tok = load_model(sl), load_tokenizer_for(sl)
+    kw = dict(max_new_tokens=c.max_new_tokens, temperature=max(c.temperature, 0.7))
+    first, second = (
+        generate_replies(model, tok, _user(prompts), seed=config["seed"] + k, **kw) for k in (0, 1)
+    )
+    both = [(p, a, b) for p, a, b in zip(prompts, first, second, strict=True) if a and b and a != b]
+    probs = functools.partial(next_token_probs, model, tok, prefix=FEEDBACK_PREFIX, options=["A", "B"])
+    pairs = [(a, b) for _, a, b in both]
+    labelled = ai_preference_labels(probs, [p for p, _, _ in both], pairs, constitution, rng)
+    strong = [r for r in labelled if r["label"] >= c.min_label]
+    with stage_dir(out, "cai-pairs", config, inputs) as w:
+        n_val = max(1, len(strong) // 10)
+        write_pairs(w.tmp / "val.jsonl", strong[:n_val])
+        write_pairs(w.tmp / "train.jsonl", strong[n_val:])
+        w.metrics = {
+            "prompts": len(prompts), "pairs": len(labelled), "kept": len(strong),
+            "mean_label": _mean([r["label"] for r in labelled]),
+            "mean_abs_position_bias": _mean([abs(r["meta"]["position_bias"]) for r in labelled]),
+        }  # fmt: skip
+    return out
+
+
+def _copy_model(src: Path, out: Path, force: bool) -> Path:
+    import shutil
+
+    from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir
+
+    inputs = {"model": artifact_hash(src)}
+    if not force and is_up_to_date(out, {}, inputs):
+        return out
+    with stage_dir(out, "align", {}, inputs) as w:
+        for f in src.iterdir():
+            if f.is_file() and f.name != "manifest.json":
+                shutil.copy2(f, w.tmp / f.name)
+    return out

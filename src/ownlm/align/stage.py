@@ -1,0 +1,189 @@
+"""The `align` stage: preference alignment of this run's SFT model, by one method.
+
+    rm    pairs → reward model                                   runs/R/pairs, runs/R/reward
+    dpo   pairs → DPO (TRL) → aligned policy                      runs/R/pairs, runs/R/align
+    ppo   pairs → reward model → PPO with a KL penalty (ours)     runs/R/pairs, runs/R/reward, runs/R/align
+    cai   SL-CAI (critique → revision → SFT) → RL-CAI (AI preference labels → DPO)
+                                                                  runs/R/cai/{sl_data,sl,pairs}, runs/R/align
+
+Pairs come from your own file (`align.pairs_dir`) or from the rule judge: the SFT model samples
+replies to the verifiable instruction tasks and a correct reply is preferred to a wrong one
+(`ownlm.align.preferences.build_verifiable_pairs`). Every sub-step is its own artifact with a
+manifest, so a rerun skips what is up to date and a crash resumes at the step that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ownlm.align.dpo import DPOStageConfig
+from ownlm.align.ppo import PPOConfig
+from ownlm.align.preferences import PairsConfig
+from ownlm.align.reward import RewardConfig
+from ownlm.artifacts import artifact_hash, require_artifact
+from ownlm.config import StrictModel
+from ownlm.errors import OwnlmError
+from ownlm.progress import console
+
+METHODS = ("rm", "dpo", "ppo", "cai")
+
+
+class CAIConfig(StrictModel):
+    constitution: str | None = Field(
+        None, description="Constitution YAML; default ownlm's constitution.yaml."
+    )
+    harmful_prompts: int = Field(
+        128, ge=1, description="Red-team prompts (Do-Not-Answer train split) to critique and revise."
+    )
+    helpful_prompts: int = Field(
+        128, ge=0, description="Helpful prompts (benign-but-risky train split + instruction data) mixed in."
+    )
+    rounds: int = Field(1, ge=1, description="Critique → revision rounds per harmful prompt.")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each prompt set held out.")
+    max_new_tokens: int = Field(96, ge=8, description="Token budget of answers, critiques and revisions.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the critiqued model.")
+    rl: bool = Field(True, description="Also run RL-CAI: AI-labelled pairs of the SL model's replies → DPO.")
+    rl_prompts: int = Field(128, ge=1, description="Prompts (harmful and helpful) for the AI-labelled pairs.")
+    min_label: float = Field(
+        0.55, ge=0.5, lt=1, description="Drop AI-labelled pairs whose preference is weaker than this."
+    )
+    sft_steps: int = Field(60, ge=1, description="SL-CAI fine-tuning steps (LoRA).")
+    sft_lr: float = Field(2e-4, gt=0, description="SL-CAI learning rate.")
+
+
+class AlignConfig(StrictModel):
+    method: Literal["rm", "dpo", "ppo", "cai"] = Field("dpo", description="Which alignment to run.")
+    policy: str = Field(
+        "sft", description="'sft' (this run's SFT model), an HF dir, a .gguf, or smollm2-135m-instruct."
+    )
+    pairs_dir: str | None = Field(
+        None, description="Your own pairs (train.jsonl [+ val.jsonl]); default: judge verifiable tasks."
+    )
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="The verifiable-task judge.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward model training.")
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig, description="DPO (also RL-CAI's last step).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty.")
+    ppo_reward: Literal["reward_model", "task"] = Field(
+        "reward_model", description="PPO's reward: the trained reward model, or the task checker directly."
+    )
+    cai: CAIConfig = Field(default_factory=CAIConfig, description="Constitutional AI.")
+
+
+def seeded(part: StrictModel, seed: int):
+    """A sub-config with the recipe's seed, unless the user set that sub-config's own seed."""
+    return part if "seed" in part.model_fields_set else part.model_copy(update={"seed": seed})
+
+
+def policy_dir(recipe, cfg: AlignConfig) -> Path:
+    if cfg.policy == "sft":
+        p = recipe.run_dir / "sft"
+        require_artifact(p, "sft")
+        return p
+    from ownlm.models import builtin_model
+
+    p = builtin_model(cfg.policy) or Path(cfg.policy)
+    if not p.exists():
+        raise OwnlmError(f"align.policy {p}: no such model directory or GGUF file")
+    return p
+
+
+def _instruct_train(recipe) -> Path:
+    path = recipe.run_dir / "instruct" / "train.jsonl"
+    if not path.is_file():
+        raise OwnlmError(f"{path.parent}: no instruction data (run `ownlm data instruct` first)")
+    return path
+
+
+def _pairs(recipe, cfg: AlignConfig, policy: Path, force: bool) -> Path:
+    if cfg.pairs_dir:
+        return Path(cfg.pairs_dir)
+    from ownlm.align.preferences import build_verifiable_pairs
+
+    pairs = cfg.pairs.model_copy(update={"seed": recipe.seed})
+    return build_verifiable_pairs(
+        policy, _instruct_train(recipe), pairs, recipe.run_dir / "pairs", force=force
+    )
+
+
+def run_align(recipe, force: bool = False, method: str | None = None) -> Path:
+    """Run `align.method` (or `method`); returns the artifact it ends with."""
+    cfg: AlignConfig = recipe.align
+    if method is not None:
+        if method not in METHODS:
+            raise OwnlmError(f"align method {method!r}: choose one of {', '.join(METHODS)}")
+        cfg = cfg.model_copy(update={"method": method})
+    policy = policy_dir(recipe, cfg)
+    out = recipe.run_dir / "align"
+    seed = recipe.seed
+    if cfg.method == "cai":
+        from ownlm.align.cai import run_cai
+
+        return run_cai(recipe, cfg, policy, force=force)
+    pairs = _pairs(recipe, cfg, policy, force)
+    if cfg.method == "dpo":
+        from ownlm.align.dpo import run_dpo
+
+        dpo = seeded(cfg.dpo, seed)
+        return run_dpo(policy, pairs, dpo, out, force=force)
+    from ownlm.align.reward import run_reward
+
+    reward = seeded(cfg.reward, seed)
+    rm = run_reward(policy, pairs, reward, recipe.run_dir / "reward", force=force)
+    if cfg.method == "rm":
+        return rm
+    return _run_ppo(recipe, cfg, policy, rm, out, force)
+
+
+def _run_ppo(recipe, cfg: AlignConfig, policy: Path, rm: Path, out: Path, force: bool) -> Path:
+    from ownlm.align.ppo import RewardModelScorer, TaskReward, run_ppo
+    from ownlm.instruct.formats import iter_instruct_jsonl
+
+    records = [r for r in iter_instruct_jsonl(_instruct_train(recipe)) if _verifiable(r)]
+    random.Random(recipe.seed).shuffle(records)
+    ppo = seeded(cfg.ppo, recipe.seed)
+    reward = RewardModelScorer(rm) if cfg.ppo_reward == "reward_model" else TaskReward(ppo.format_bonus)
+    # run_ppo always trains; the stage skips it when policy, reward and config are unchanged.
+    config = {"ppo": ppo.model_dump(), "reward": cfg.ppo_reward}
+    inputs = {"policy": artifact_hash(policy), "reward_model": artifact_hash(rm), "prompts": _digest(records)}
+    if not force and _stamped(out, config, inputs):
+        console.print(f"align: up to date ({out})")
+        return out
+    result = run_ppo(policy, records, reward, ppo, out, seed=recipe.seed)
+    _stamp(result, config, inputs)
+    return result
+
+
+def _verifiable(rec: dict) -> bool:
+    return bool(rec["meta"].get("verifiable")) and not rec.get("tools")
+
+
+def _digest(records) -> str:
+    from ownlm.artifacts import sha256_json
+
+    return sha256_json([r["id"] for r in records])
+
+
+# run_ppo writes its own manifest; the stage's fingerprint (which reward, which prompts) sits beside it.
+_STAMP = "align_inputs.json"
+
+
+def _stamped(out: Path, config: dict, inputs: dict) -> bool:
+    from ownlm.artifacts import read_manifest, stage_fingerprint
+
+    stamp = read_manifest(out) and out / _STAMP
+    if not stamp or not stamp.is_file():
+        return False
+    return json.loads(stamp.read_text(encoding="utf-8")).get("fingerprint") == stage_fingerprint(
+        config, inputs
+    )
+
+
+def _stamp(out: Path, config: dict, inputs: dict) -> None:
+    from ownlm.artifacts import stage_fingerprint, write_json_atomic
+
+    write_json_atomic(out / _STAMP, {"fingerprint": stage_fingerprint(config, inputs), "inputs": inputs})

@@ -1,0 +1,145 @@
+"""The `align` stage end to end on the session's tiny model: each method's artifacts, reruns that
+skip, the CLI, and Constitutional AI's mechanics (the tiny model cannot critique itself; the
+plumbing, counts and files are what is checked here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ownlm.errors import OwnlmError
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine thrashes with two threads per process
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy(trained_run, tmp_path_factory):
+    """A small model with the tiny run's tokenizer and a context long enough for critique chains."""
+    from ownlm.models import ModelConfig, build_model
+    from ownlm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(trained_run.run_dir / "tokenizer")
+    path = tmp_path_factory.mktemp("policy")
+    build_model(ModelConfig(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=1024), tok).save_pretrained(
+        path
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe(policy, tmp_path_factory):
+    """The small policy, with generated instruction data beside it."""
+    from ownlm.config import load_recipe
+    from ownlm.instruct.stage import run_instruct
+
+    over = {
+        "runs_dir": str(tmp_path_factory.mktemp("alignruns")),
+        "name": "a",
+        "instruct": {"arithmetic": 0, "counting": 0, "spelling": 0, "format": 0, "reasoning": 60,
+                     "tool_use": 0, "chatterbot": False, "python_faq": False},
+        "align": {
+            "policy": str(policy),
+            "pairs": {"samples": 2, "max_new_tokens": 6, "max_prompts": 24},
+            "reward": {"max_steps": 4, "batch_size": 8},
+            "dpo": {"method": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-4, "max_length": 64},
+            "ppo": {"method": "full", "steps": 2, "batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6},
+            "cai": {"harmful_prompts": 3, "helpful_prompts": 2, "max_new_tokens": 8, "sft_steps": 2,
+                    "rl_prompts": 4, "min_label": 0.5},
+        },
+    }  # fmt: skip
+    r = load_recipe("tiny", over)
+    run_instruct(r)
+    return r
+
+
+def _manifest(path) -> dict:
+    return json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+
+
+def test_dpo_method_judges_pairs_then_trains_and_skips_when_up_to_date(recipe):
+    from transformers import AutoModelForCausalLM
+
+    from ownlm.align.stage import run_align
+
+    out = run_align(recipe, method="dpo")
+    assert out == recipe.run_dir / "align"
+    pairs = _manifest(recipe.run_dir / "pairs")
+    assert sum(pairs["metrics"]["chosen_source"].values()) > 0
+    AutoModelForCausalLM.from_pretrained(out)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    run_align(recipe, method="dpo")
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing retrained
+
+
+def test_ppo_method_trains_a_reward_model_first_and_records_its_inputs(recipe):
+    from transformers import AutoModelForSequenceClassification
+
+    from ownlm.align.stage import run_align
+
+    out = run_align(recipe, method="ppo", force=True)
+    AutoModelForSequenceClassification.from_pretrained(recipe.run_dir / "reward")
+    assert (recipe.run_dir / "reward" / "reward_stats.json").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len([r for r in rows if "kl" in r]) == 2
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    run_align(recipe, method="ppo")
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_align_rm_and_a_bad_method(recipe):
+    from typer.testing import CliRunner
+
+    from ownlm.cli import app
+
+    args = ["align", "-r", "tiny", "--runs_dir", recipe.runs_dir, "--name", recipe.name]
+    args += ["--align.policy", recipe.align.policy, "--align.reward.max_steps", "4"]
+    args += ["--align.reward.batch_size", "8"]
+    result = CliRunner().invoke(app, [*args, "--method", "rm"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(str(recipe.run_dir / "reward"))
+    result = CliRunner().invoke(app, [*args, "--method", "bogus"])
+    assert result.exit_code != 0 and "choose one of rm, dpo, ppo, cai" in result.output
+
+
+def test_cai_mechanics_on_a_tiny_model(recipe):
+    from ownlm.align.cai import run_cai
+
+    out = run_cai(recipe, recipe.align, _policy(recipe))
+    root = recipe.run_dir / "cai"
+    sl = _manifest(root / "sl_data")["metrics"]
+    assert sl["harmful"] == 3 and sl["helpful"] == 2
+    critiques = [json.loads(x) for x in (root / "sl_data" / "critiques.jsonl").read_text().splitlines()]
+    assert len(critiques) == 3 and all(len(c["rounds"]) == 1 for c in critiques)
+    assert {c["rounds"][0]["principle"] for c in critiques} <= {
+        p["name"] for p in _manifest(root / "sl_data")["config"]["principles"]
+    }
+    assert (root / "sl" / "model.safetensors").is_file()
+    pairs = _manifest(root / "pairs")["metrics"]
+    assert pairs["prompts"] == 4 and pairs["kept"] <= pairs["pairs"] <= 4
+    assert out == recipe.run_dir / "align"
+
+
+def _policy(recipe):
+    from ownlm.align.stage import policy_dir
+
+    return policy_dir(recipe, recipe.align)
+
+
+def test_missing_sft_artifact_is_a_clear_error(recipe):
+    from ownlm.align.stage import run_align
+
+    bad = recipe.model_copy(update={"align": recipe.align.model_copy(update={"policy": "sft"})})
+    with pytest.raises(OwnlmError, match="sft"):
+        run_align(bad, method="dpo")
