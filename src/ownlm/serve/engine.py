@@ -9,6 +9,7 @@ Interface (what the HTTP layer, `ownlm chat` and alignment rollouts call)::
     [out] = engine.generate([prompt], params)                # sync, whole results (rollouts)
     for out in engine.stream(prompt, params): ...            # sync streaming (`ownlm chat`)
     engine.add_listener(on_finish=..., on_step=...)          # metrics hooks; engine.stats() for gauges
+    engine.embed(["text", ...])                              # mean-pooled, L2-normalised last hidden states
 
 A prompt is a string, token ids, or chat messages (rendered with the tokenizer's template; use
 `engine.encode(messages, tools=...)` for tools). Without `engine.start()` the sync calls drive the
@@ -407,6 +408,36 @@ class Engine:
             )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return [int(t) for t in prompt]
+
+    def embed(self, prompts: list[Prompt], batch_size: int = 32) -> list[list[float]]:
+        """One vector per prompt: the last hidden states mean-pooled over the prompt's tokens (BOS
+        included, padding not) and L2-normalised. Runs between engine steps (the step lock)."""
+        ids = [self.encode(p) for p in prompts]
+        for x in ids:
+            if not x:
+                raise RequestRejected("the input is empty")
+            if len(x) > self.max_model_len:
+                raise RequestRejected(
+                    f"the input has {len(x)} tokens; the engine's context is {self.max_model_len}"
+                )
+        out: list[list[float]] = []
+        body = getattr(self.model, "base_model", self.model)
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            width = max(len(x) for x in chunk)
+            rows = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            keep = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, x in enumerate(chunk):
+                rows[i, : len(x)] = torch.tensor(x)
+                keep[i, : len(x)] = 1
+            with self._step_lock, torch.inference_mode():
+                hidden = body(
+                    input_ids=rows.to(self.device), attention_mask=keep.to(self.device), use_cache=False
+                ).last_hidden_state.float()
+            w = keep.to(hidden.device, hidden.dtype)[:, :, None]
+            pooled = (hidden * w).sum(1) / w.sum(1)
+            out += torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist()
+        return out
 
     def _admissible(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt's ids and the request's max_tokens, or RequestRejected."""

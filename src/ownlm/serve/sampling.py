@@ -12,17 +12,27 @@ seen in the prompt or the output are divided by it, negative ones multiplied), `
 and `frequency_penalty` (OpenAI: subtracted per output token, once and per occurrence). Returned
 log-probabilities are the model's own (log-softmax of the raw logits, before temperature and
 penalties), as OpenAI and vLLM report them.
+
+Constrained decoding (JSON schemas, grammars) plugs in through `SamplingParams.allowed_tokens`: a
+factory called once per sequence, returning a function of the sequence's generated ids that gives
+the next token's allowed set (a bool mask over the vocabulary, or None for no constraint). Disallowed
+tokens are set to -inf after the penalties and before greedy/temperature/top-k/top-p, so every
+sampling mode only ever picks an allowed token; an all-False mask is ignored (nothing could be
+sampled). `ownlm.serve.structured` builds these from JSON schemas with llguidance.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ownlm.errors import OwnlmError
+
+TokenMask = Callable[[list[int]], "torch.Tensor | None"]
 
 
 @dataclass
@@ -43,6 +53,9 @@ class SamplingParams:
     n: int = 1  # completions of the prompt, sharing its prefill
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely
     skip_special_tokens: bool = True
+    # Per-sequence factory of a token constraint: `allowed_tokens()(generated_ids)` -> bool [vocab]
+    # mask of the tokens allowed next (True = allowed), or None when nothing is constrained.
+    allowed_tokens: Callable[[], TokenMask] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,6 +115,8 @@ class SequenceSampler:
             self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
         self.counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.mask_fn: TokenMask | None = params.allowed_tokens() if params.allowed_tokens else None
+        self.tokens: list[int] = []  # generated ids, kept only for mask_fn
         if params.penalised:
             self.counts = torch.zeros(vocab_size)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -115,6 +130,8 @@ class SequenceSampler:
         return self._uniforms.pop()
 
     def accept(self, token: int) -> None:
+        if self.mask_fn is not None:
+            self.tokens.append(token)
         if self.counts is not None and 0 <= token < self.counts.numel():
             self.counts[token] += 1
             self.seen[token] = True
@@ -148,6 +165,18 @@ def _thresholds(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> to
     return asc[rows, first_kept][:, None]
 
 
+def _apply_mask(row: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Set the disallowed entries of one logits row to -inf (a shorter mask leaves the tail out)."""
+    allowed = allowed.to(torch.bool)
+    if not bool(allowed.any()):
+        return
+    vocab = row.numel()
+    if allowed.numel() < vocab:
+        row[allowed.numel() :] = float("-inf")
+        row = row[: allowed.numel()]
+    row.masked_fill_(~allowed[:vocab], float("-inf"))
+
+
 def sample(
     logits: torch.Tensor, samplers: list[SequenceSampler]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -159,6 +188,10 @@ def sample(
     for i, s in enumerate(samplers):
         if s.counts is not None:
             s.penalise(logits[i])
+        if s.mask_fn is not None:
+            allowed = s.mask_fn(s.tokens)
+            if allowed is not None:
+                _apply_mask(logits[i], allowed)
 
     tokens = [0] * n
     greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
