@@ -110,7 +110,21 @@ def test_cli_align_rm_and_a_bad_method(recipe):
     assert result.exit_code == 0, result.output
     assert result.output.strip().endswith(str(recipe.run_dir / "reward"))
     result = CliRunner().invoke(app, [*args, "--method", "bogus"])
-    assert result.exit_code != 0 and "choose one of rm, dpo, ppo, cai" in result.output
+    assert result.exit_code != 0 and "choose one of rm, dpo, ppo, grpo, cai" in result.output
+
+
+def test_grpo_method_trains_with_a_kl_penalty(recipe):
+    from transformers import AutoModelForCausalLM
+
+    from ownlm.align.stage import run_align
+
+    over = {"num_generations": 2, "batch_size": 4, "max_steps": 2, "max_new_tokens": 6, "log_every": 1}
+    grpo = recipe.align.grpo.model_copy(update=over)
+    r = recipe.model_copy(update={"align": recipe.align.model_copy(update={"grpo": grpo})})
+    out = run_align(r, method="grpo", force=True)
+    m = _manifest(out)["metrics"]
+    assert m["steps"] == 2 and m["kl_last"] is not None and m["reward_last"] is not None
+    AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_cai_mechanics_on_a_tiny_model(recipe):

@@ -150,6 +150,22 @@ def sft(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False)
     print(run_sft(_recipe(recipe, ctx), force=force))
 
 
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def align(
+    ctx: typer.Context,
+    recipe: RecipeOpt = "tiny",
+    method: Annotated[
+        str | None, typer.Option(help="rm | dpo | ppo | grpo | cai (default: the recipe's align.method).")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Preference alignment of the SFT model (reward model, DPO, PPO with KL, Constitutional AI)."""
+    from ownlm.align.stage import run_align
+
+    print(run_align(_recipe(recipe, ctx), force=force, method=method))
+
+
 @app.command()
 @user_errors
 def chat(
@@ -179,8 +195,8 @@ def chat(
 
 
 def _model_path(path: Path) -> Path:
-    """A run directory means its most trained model: sft, else pretrain."""
-    for stage in ("sft", "pretrain"):
+    """A run directory means its most trained model: align, else sft, else pretrain."""
+    for stage in ("align", "sft", "pretrain"):
         if (path / stage / "config.json").is_file():
             return path / stage
     return path

@@ -26,6 +26,7 @@ class StrictModel(BaseModel):
 
 def _stage_types() -> dict[str, type[StrictModel]]:
     # Imported here so `ownlm --help` does not pay for torch/transformers.
+    from ownlm.align.stage import AlignConfig
     from ownlm.data.clean import CleanConfig
     from ownlm.data.stage import DataConfig
     from ownlm.instruct.augment import AugmentConfig
@@ -44,19 +45,23 @@ def _stage_types() -> dict[str, type[StrictModel]]:
         "instruct": InstructConfig,
         "augment": AugmentConfig,
         "sft": SFTConfig,
+        "align": AlignConfig,
     }
 
 
-STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft")
+STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "align")
 # `augment` (model-written instruction data) costs minutes of generation: a recipe opts in.
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "augment")
+
+
+StageName = Literal["data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "align"]
 
 
 class RecipeBase(StrictModel):
     name: str = Field("tiny", description="Run name: artifacts go to runs_dir/name/<stage>/.")
     runs_dir: str = Field("runs", description="Folder holding all runs.")
     seed: int = Field(1337, description="Seed for every random choice of every stage.")
-    stages: list[Literal["data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft"]] = Field(
+    stages: list[StageName] = Field(
         default_factory=lambda: list(DEFAULT_STAGES),
         description="Stages `ownlm run` runs, in pipeline order (augment only when listed).",
     )

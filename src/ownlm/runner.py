@@ -16,6 +16,7 @@ from ownlm.progress import console
 
 
 def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
+    from ownlm.align.stage import run_align
     from ownlm.data.clean import run_clean
     from ownlm.data.stage import run_data
     from ownlm.instruct.augment import run_augment
@@ -32,6 +33,7 @@ def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
         "instruct": run_instruct,
         "augment": run_augment,
         "sft": run_sft,
+        "align": run_align,
     }
     wanted = set(recipe.stages)
     if not recipe.clean.enabled:

@@ -3,6 +3,7 @@
     rm    pairs → reward model                                   runs/R/pairs, runs/R/reward
     dpo   pairs → DPO (TRL) → aligned policy                      runs/R/pairs, runs/R/align
     ppo   pairs → reward model → PPO with a KL penalty (ours)     runs/R/pairs, runs/R/reward, runs/R/align
+    grpo  GRPO (TRL) on the verifiable tasks, rewarded by their checkers      runs/R/align
     cai   SL-CAI (critique → revision → SFT) → RL-CAI (AI preference labels → DPO)
                                                                   runs/R/cai/{sl_data,sl,pairs}, runs/R/align
 
@@ -22,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from ownlm.align.dpo import DPOStageConfig
+from ownlm.align.grpo import GRPOStageConfig
 from ownlm.align.ppo import PPOConfig
 from ownlm.align.preferences import PairsConfig
 from ownlm.align.reward import RewardConfig
@@ -30,7 +32,7 @@ from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
 from ownlm.progress import console
 
-METHODS = ("rm", "dpo", "ppo", "cai")
+METHODS = ("rm", "dpo", "ppo", "grpo", "cai")
 
 
 class CAIConfig(StrictModel):
@@ -57,7 +59,7 @@ class CAIConfig(StrictModel):
 
 
 class AlignConfig(StrictModel):
-    method: Literal["rm", "dpo", "ppo", "cai"] = Field("dpo", description="Which alignment to run.")
+    method: Literal["rm", "dpo", "ppo", "grpo", "cai"] = Field("dpo", description="Which alignment to run.")
     policy: str = Field(
         "sft", description="'sft' (this run's SFT model), an HF dir, a .gguf, or smollm2-135m-instruct."
     )
@@ -68,6 +70,7 @@ class AlignConfig(StrictModel):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward model training.")
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig, description="DPO (also RL-CAI's last step).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty.")
+    grpo: GRPOStageConfig = Field(default_factory=GRPOStageConfig, description="GRPO on verifiable tasks.")
     ppo_reward: Literal["reward_model", "task"] = Field(
         "reward_model", description="PPO's reward: the trained reward model, or the task checker directly."
     )
@@ -124,6 +127,12 @@ def run_align(recipe, force: bool = False, method: str | None = None) -> Path:
         from ownlm.align.cai import run_cai
 
         return run_cai(recipe, cfg, policy, force=force)
+    if cfg.method == "grpo":
+        from ownlm.align.grpo import run_grpo
+        from ownlm.instruct.formats import iter_instruct_jsonl
+
+        records = list(iter_instruct_jsonl(_instruct_train(recipe)))
+        return run_grpo(policy, records, seeded(cfg.grpo, recipe.seed), out, force=force)
     pairs = _pairs(recipe, cfg, policy, force)
     if cfg.method == "dpo":
         from ownlm.align.dpo import run_dpo
