@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ownlm.errors import OwnlmError
 
@@ -32,7 +33,13 @@ def render_prompts(
     return out
 
 
-def sample_replies(
+@dataclass
+class Reply:
+    text: str
+    finished: bool  # ended with an end-of-turn token (False: the token budget ran out)
+
+
+def sample_turns(
     model,
     tokenizer,
     prompts: Sequence[str | Conversation],
@@ -43,7 +50,7 @@ def sample_replies(
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 16,
-) -> list[list[str]]:
+) -> list[list[Reply]]:
     """`n` replies per prompt (one greedy reply when `temperature` is 0), stopped at end of turn.
 
     Batched `model.generate` with left padding on chat-template renderings; each batch is seeded
@@ -63,7 +70,7 @@ def sample_replies(
         text = tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True)
         ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote BOS
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad little
-    out: list[list[str]] = [[] for _ in ids]
+    out: list[list[Reply]] = [[] for _ in ids]
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else greedy
     n_ret = n if temperature > 0 else 1
@@ -93,10 +100,16 @@ def sample_replies(
                 **sampling,
             )
         for r, row in enumerate(gen[:, width:].tolist()):
-            end = next((k for k, t in enumerate(row) if t in stops), len(row))
-            out[idx[r // n_ret]].append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+            end = next((k for k, t in enumerate(row) if t in stops), None)
+            text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            out[idx[r // n_ret]].append(Reply(text, end is not None))
     model.train(was_training)
     return out
+
+
+def sample_replies(model, tokenizer, prompts: Sequence[str | Conversation], **kw) -> list[list[str]]:
+    """`sample_turns` as text only (same keywords)."""
+    return [[r.text for r in replies] for replies in sample_turns(model, tokenizer, prompts, **kw)]
 
 
 def generate_replies(model, tokenizer, conversations: Sequence[Conversation], **kw) -> list[str]:

@@ -36,8 +36,8 @@ by reason (generated = kept + drops, always).
 
 ROUGE-L is rouge_score's (lowercased alphanumeric tokens, no stemmer, F1 of the longest common
 subsequence), with the LCS computed by rapidfuzz: the same numbers, tens of times faster.
-Generation is `generate_turns`, plain batched `model.generate` with the chat template: one small
-function, so a serving engine can replace it later.
+Generation is `generate_turns` (`ownlm.generation.sample_turns`, plain batched `model.generate`),
+so a serving engine can replace it later.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ import string
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from pydantic import Field, model_validator
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, sha256_file, stage_dir
 from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
+from ownlm.generation import Reply, sample_turns
 from ownlm.instruct.formats import InstructError, iter_instruct_jsonl, to_chat, to_seed, validate_chat
 from ownlm.progress import console
 
@@ -275,12 +275,6 @@ def parse_instructions(text: str, finished: bool) -> list[tuple[str, bool]]:
 # ---------------------------------------------------------------------------------- generation
 
 
-@dataclass
-class Reply:
-    text: str
-    finished: bool  # ended with a stop token (False: the token budget ran out)
-
-
 def generate_turns(
     model,
     tokenizer,
@@ -292,54 +286,9 @@ def generate_turns(
     seed: int,
     batch_size: int,
 ) -> list[Reply]:
-    """One sampled assistant turn per conversation: batched `model.generate`, left padding.
-
-    Prompts are rendered with the chat template (`add_generation_prompt`), sorted by length so a
-    batch pads little, and each batch is seeded from (`seed`, its first prompt), so a rerun on the
-    same inputs samples the same text.
-    """
-    import torch
-
-    from ownlm.chat import stop_ids
-
-    stops = stop_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-    prompts = []
-    for conv in conversations:
-        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote BOS
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[Reply | None] = [None] * len(prompts)
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        budget = min(max_new_tokens, context - width)
-        if budget < 1:
-            raise OwnlmError(
-                f"a {width}-token prompt leaves no room in the generator's {context}-token window"
-            )
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-        key = hashlib.sha256(f"{seed}\0{prompts[idx[0]]}".encode()).digest()
-        torch.manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=budget,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                eos_token_id=stops,
-                pad_token_id=pad,
-            )
-        for row, i in zip(gen[:, width:].tolist(), idx, strict=True):
-            end = next((k for k, t in enumerate(row) if t in stops), None)
-            text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
-            out[i] = Reply(text.strip(), end is not None)
-    return out  # type: ignore[return-value]
+    """One sampled assistant turn per conversation (`ownlm.generation.sample_turns`, n=1)."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return [r[0] for r in sample_turns(model, tokenizer, conversations, batch_size=batch_size, **kw)]
 
 
 @functools.cache
