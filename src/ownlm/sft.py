@@ -27,13 +27,13 @@ from pydantic import Field
 
 from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
 from ownlm.chat_templates import adopt_chat_template, end_of_turn_token
-from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
 from ownlm.instruct.formats import iter_instruct_jsonl
+from ownlm.lora import LoraSettings, lora_config
 from ownlm.progress import bar, console
 
 
-class SFTConfig(StrictModel):
+class SFTConfig(LoraSettings):
     base_model: str = Field(
         "pretrain",
         description="'pretrain' (this run's artifact), an HF dir, a .gguf, or smollm2-135m-instruct.",
@@ -42,12 +42,6 @@ class SFTConfig(StrictModel):
         None, description="train.jsonl (+ val.jsonl) dir; default runs/R/augment if a stage, else R/instruct."
     )
     method: Literal["full", "lora"] = Field("lora", description="Full fine-tune, or LoRA merged at the end.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    lora_target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' (every linear layer but the head) or module names."
-    )
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (unless max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 (lora), 2e-5 (full).")
@@ -147,10 +141,7 @@ def make_trainer(
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     peft_config = None
     if cfg.method == "lora":
-        from peft import LoraConfig
-
-        lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
-        peft_config = LoraConfig(**lora, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+        peft_config = lora_config(cfg, "CAUSAL_LM")
     lr = cfg.lr or (2e-4 if cfg.method == "lora" else 2e-5)
     schedule = dict(num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=lr)
     warmup = cfg.warmup if cfg.warmup < 1 else int(cfg.warmup)  # transformers: int steps or a ratio

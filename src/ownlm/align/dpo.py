@@ -30,18 +30,18 @@ from typing import Literal
 from pydantic import Field
 
 from ownlm.align.preferences import Messages, Pair, pair_files, read_pairs
-from ownlm.align.reward import _lora_config, metrics_callback, plot_metrics, score, training_args
+from ownlm.align.reward import metrics_callback, plot_metrics, score, training_args
 from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir
-from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
 from ownlm.generation import sample_replies
+from ownlm.lora import LoraSettings, lora_config
 from ownlm.progress import console
 
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-class DPOStageConfig(StrictModel):
+class DPOStageConfig(LoraSettings):
     method: Literal["full", "lora"] = Field(
         "lora", description="full (frozen copy as reference) or lora (adapter-disabled base as reference)."
     )
@@ -50,10 +50,7 @@ class DPOStageConfig(StrictModel):
         "sigmoid", description="DPO's loss (sigmoid = the paper's); see TRL's DPOConfig for the others."
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped labels.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    lora_target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names.")
     epochs: float = Field(1.0, gt=0, description="Passes over the pairs (unless max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate; default 1e-6 (full), 5e-5 (lora).")
@@ -114,7 +111,7 @@ def make_dpo_trainer(
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
         processing_class=tokenizer,
-        peft_config=_lora_config(cfg, "CAUSAL_LM") if cfg.method == "lora" else None,
+        peft_config=lora_config(cfg, "CAUSAL_LM") if cfg.method == "lora" else None,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)

@@ -54,8 +54,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ownlm.artifacts import artifact_hash, sha256_json, stage_dir
-from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
+from ownlm.lora import LoraSettings, lora_config
 from ownlm.progress import bar, console
 
 Messages = list[dict[str, Any]]
@@ -65,17 +65,12 @@ Messages = list[dict[str, Any]]
 RewardFn = Callable[[list[Messages], list[str], list[dict]], Sequence[float]]
 
 
-class PPOConfig(StrictModel):
+class PPOConfig(LoraSettings):
     method: Literal["full", "lora"] = Field(
         "lora", description="Train the whole policy, or LoRA adapters (merged at the end)."
     )
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the LoRA branch (0: dropout skews the PPO ratio)."
-    )
-    lora_target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' (every linear layer but the head) or module names."
     )
     reward_model: str | None = Field(
         None,
@@ -545,16 +540,9 @@ def load_value_model(source: str | Path, policy_tokenizer, policy_config, *, fro
 
 
 def _lora(model, cfg: PPOConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora_config(cfg, "CAUSAL_LM"))
 
 
 # ------------------------------------------------------------------------------------ rollouts

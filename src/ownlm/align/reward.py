@@ -41,19 +41,15 @@ from pydantic import Field
 
 from ownlm.align.preferences import Messages, Pair, as_messages, pair_files, read_pairs
 from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir, write_json_atomic
-from ownlm.config import StrictModel
 from ownlm.errors import OwnlmError
+from ownlm.lora import LoraSettings, lora_config
 from ownlm.progress import bar, console
 
 REWARD_STATS = "reward_stats.json"
 
 
-class RewardConfig(StrictModel):
+class RewardConfig(LoraSettings):
     method: Literal["full", "lora"] = Field("full", description="Train the whole model, or LoRA + the head.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    lora_target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names.")
     epochs: float = Field(1.0, gt=0, description="Passes over the pairs (RMs overfit fast: 1 is usual).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate; default 1e-5 (full), 1e-4 (lora).")
@@ -325,19 +321,6 @@ def training_args(cfg, output_dir, *, lr: float, has_val: bool) -> dict[str, Any
     )
 
 
-def _lora_config(cfg, task_type: str, **extra):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        task_type=task_type,
-        **extra,
-    )
-
-
 # ---------------------------------------------------------------------------------- the trainer
 
 
@@ -400,7 +383,7 @@ def make_reward_trainer(
         center_rewards_coefficient=cfg.center_rewards,
         disable_dropout=True,
     )
-    peft_config = _lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]) if cfg.method == "lora" else None
+    peft_config = lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]) if cfg.method == "lora" else None
     trainer = _SoftBTTrainer(
         model=model,
         args=args,
