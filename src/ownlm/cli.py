@@ -202,6 +202,51 @@ def _model_path(path: Path) -> Path:
     return path
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(help="A run directory (runs/NAME), an HF model directory, a GGUF file, a built-in."),
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model id clients send (default: the directory or file name).")
+    ] = None,
+    max_num_seqs: Annotated[int, typer.Option(min=1, help="Sequences in the running batch.")] = 64,
+    kv_cache_mb: Annotated[float | None, typer.Option(min=1, help="KV cache budget (default 1 GiB).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(min=8, help="Context cap (default: model).")] = None,
+    max_pending: Annotated[int, typer.Option(min=1, help="Requests in flight before 503s.")] = 1024,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (default: fp32).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
+    from ownlm.models import builtin_model
+    from ownlm.serve.api import run_server
+    from ownlm.serve.engine import Engine, EngineConfig
+
+    path = _model_path(Path(model))
+    if builtin_model(model) is None and not path.exists():
+        raise OwnlmError(f"{model}: no such run, model directory or GGUF file")
+    name = served_model_name or (Path(model).stem if Path(model).is_file() else Path(model).resolve().name)
+    config = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        kv_cache_bytes=int(kv_cache_mb * 2**20) if kv_cache_mb else None,
+        max_model_len=max_model_len,
+    )
+
+    def load() -> Engine:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return Engine.from_pretrained(path, dtype=dtype, config=config)
+
+    print(f"serving {path} as {name!r} on http://{host}:{port}/v1", file=sys.stderr)
+    run_server(load, served_model_name=name, host=host, port=port, max_pending=max_pending)
+
+
 @app.command(context_settings=OVERRIDES)
 @user_errors
 def run(
