@@ -16,7 +16,6 @@ free), so we do not hand-write a second training loop. What ownlm adds around it
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from ownlm.chat_templates import adopt_chat_template, end_of_turn_token
 from ownlm.errors import OwnlmError
 from ownlm.instruct.formats import iter_instruct_jsonl
 from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import bar, console
+from ownlm.progress import console, metrics_callback
 
 
 class SFTConfig(LoraSettings):
@@ -95,35 +94,6 @@ def load_chat_records(path: Path, tokenizer, max_length: int, masks: bool) -> tu
 
 
 # ------------------------------------------------------------------------------------ the stage
-
-
-def _callback(metrics_path: Path):
-    """Our progress bar and metrics.jsonl rows, fed by the Trainer's events."""
-    from transformers import TrainerCallback
-
-    class _OwnlmCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.progress = bar("sft", state.max_steps, "loss")
-            self.progress.start()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.progress.update(self.progress.task_ids[0], completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs, row = logs or {}, {"step": state.global_step}
-            if "loss" in logs:
-                row |= {"loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0))}
-                self.progress.update(self.progress.task_ids[0], loss=f"{logs['loss']:.3f}")
-            if "eval_loss" in logs:
-                row["val_loss"] = float(logs["eval_loss"])
-            if len(row) > 1:  # the end-of-training summary has neither
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-
-        def on_train_end(self, args, state, control, **kw):
-            self.progress.stop()
-
-    return _OwnlmCallback()
 
 
 def make_trainer(
@@ -232,7 +202,9 @@ def train_sft(
     AcceleratorState._reset_state()  # a previous stage in this process may have set other options
     with tempfile.TemporaryDirectory(prefix="ownlm-sft-") as work, stage_dir(out, label, config, inputs) as w:
         metrics_path = w.tmp / "metrics.jsonl"
-        trainer = make_trainer(cfg, model, tokenizer, train, val, work, seed, [_callback(metrics_path)])
+        trainer = make_trainer(
+            cfg, model, tokenizer, train, val, work, seed, [metrics_callback(metrics_path, "sft", ("loss",))]
+        )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         started = time.time()
         result = trainer.train()

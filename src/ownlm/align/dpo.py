@@ -30,12 +30,12 @@ from typing import Literal
 from pydantic import Field
 
 from ownlm.align.preferences import Messages, Pair, pair_files, read_pairs
-from ownlm.align.reward import metrics_callback, plot_metrics, score, training_args
+from ownlm.align.reward import plot_metrics, score, training_args
 from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir
 from ownlm.errors import OwnlmError
 from ownlm.generation import sample_replies
 from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import console
+from ownlm.progress import console, metrics_callback
 
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

@@ -79,8 +79,8 @@ def run_grpo(sft_dir: Path | str, records: list[dict], cfg: GRPOStageConfig, out
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from ownlm.align.reward import metrics_callback
     from ownlm.models import load_model, load_tokenizer_for
+    from ownlm.progress import metrics_callback
     from ownlm.sft import generation_config
 
     tok = load_tokenizer_for(sft_dir)

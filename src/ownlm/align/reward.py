@@ -43,7 +43,7 @@ from ownlm.align.preferences import Messages, Pair, as_messages, pair_files, rea
 from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir, write_json_atomic
 from ownlm.errors import OwnlmError
 from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import bar, console
+from ownlm.progress import console, metrics_callback
 
 REWARD_STATS = "reward_stats.json"
 
@@ -222,40 +222,6 @@ def pairwise_accuracy(rm, tokenizer, pairs: Sequence[Pair], batch_size: int = 16
 
 
 # --------------------------------------------------------------- shared training plumbing (also DPO)
-
-
-def metrics_callback(metrics_path: Path, name: str, keys: Sequence[str], shown: str = "loss"):
-    """Our progress bar and metrics.jsonl rows from a Trainer's logs: `keys` (and their `eval_`
-    forms, written as `val_...`) plus the learning rate."""
-    from transformers import TrainerCallback
-
-    class _Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            self.progress = bar(name, state.max_steps, shown)
-            self.progress.start()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.progress.update(self.progress.task_ids[0], completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs, row = logs or {}, {"step": state.global_step}
-            for k in keys:
-                if k in logs:
-                    row[k] = float(logs[k])
-                if f"eval_{k}" in logs:
-                    row[f"val_{k}"] = float(logs[f"eval_{k}"])
-            if "learning_rate" in logs:
-                row["lr"] = float(logs["learning_rate"])
-            if shown in row:
-                self.progress.update(self.progress.task_ids[0], **{shown: f"{row[shown]:.3f}"})
-            if len(row) > 1:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-
-        def on_train_end(self, args, state, control, **kw):
-            self.progress.stop()
-
-    return _Callback()
 
 
 def plot_metrics(metrics_path: Path, out_png: Path, panels: Sequence[tuple[str, Sequence[str]]], title: str):
