@@ -99,8 +99,6 @@ def test_stop_ids_include_end_of_turn_and_eos(tokenizer):
 
 
 def test_session_streams_real_model_and_stops(model, tokenizer):
-    import torch
-
     # Sampling at temperature 1: greedy decoding of an untrained tied-embedding model only repeats
     # the last prompt token (`<|assistant|>`, a special token that is not shown).
     opts = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "seed": 0}
@@ -111,30 +109,29 @@ def test_session_streams_real_model_and_stops(model, tokenizer):
     assert [m["role"] for m in session.messages] == ["user", "assistant"]
     assert session.messages[1]["content"] == reply
 
-    # The same draw straight from model.generate: the session's reply must be exactly it.
+    # The same draw straight from the engine (seeded per request): the reply must be exactly it,
+    # and another session with the same seed draws it again.
+    from ownlm.serve.sampling import SamplingParams
+
     session.reset()
     session.messages.append({"role": "user", "content": "Hi"})
     prompt = session.prompt_ids()
     session.reset()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        ref = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=12,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            eos_token_id=stop_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )[0, len(prompt) :].tolist()
+    params = SamplingParams(
+        max_tokens=12, temperature=1.0, top_p=1.0, seed=0, stop_token_ids=stop_ids(tokenizer)
+    )
+    ref = session.engine.generate(prompt, params)[0].outputs[0].token_ids
     assert reply == tokenizer.decode(ref, skip_special_tokens=True)
+    again = ChatSession(model, tokenizer, system="Be brief.", tools=[])
+    assert again.send("Hi", **opts) == reply
 
     # Generation ends at a stop token, before max_new_tokens: make the token the draw produces at
     # position k (its first occurrence) a stop id and the reply must end right there.
     k = min(i for i in range(3, len(ref)) if ref[i] not in ref[:i])
     assert k < len(ref) - 1
     session._stop_ids = [ref[k]]
-    assert session.send("Hi", **opts) == tokenizer.decode(ref[: k + 1], skip_special_tokens=True)
+    # The stop token ends the turn and, like any stop, is not part of the text.
+    assert session.send("Hi", **opts) == tokenizer.decode(ref[:k], skip_special_tokens=True)
 
 
 def test_tool_loop_runs_calculator_and_feeds_result_back(model, tokenizer, monkeypatch):

@@ -1,7 +1,8 @@
-"""The chat engine behind `ownlm chat`: a conversation with a model, streamed, with tool calls.
+"""The chat loop behind `ownlm chat`: a conversation with a model, streamed, with tool calls.
 
 `ChatSession.send` renders the conversation with the tokenizer's chat template, generates one
-assistant turn (streaming text as it arrives, stopping at the end-of-turn token), and when the reply
+assistant turn with the serving engine (`ownlm.serve.engine`: the same path as the API server;
+text streams as it arrives, stopping at the end-of-turn token), and when the reply
 contains tool calls (ownlm.tools' convention) runs them, feeds the results back as tool turns and
 generates again, at most `max_tool_rounds` times, so the model can state the answer.
 """
@@ -9,7 +10,6 @@ generates again, at most `max_tool_rounds` times, so the model can state the ans
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 
 from ownlm.tokenizer import end_of_turn_ids
@@ -49,7 +49,7 @@ class ChatSession:
         self.max_tool_rounds = max_tool_rounds
         self.messages: list[dict] = []
         self._stop_ids = stop_ids(tokenizer)
-        self._interrupt = threading.Event()
+        self._engine = None
 
     def reset(self) -> None:
         self.messages = []
@@ -85,9 +85,17 @@ class ChatSession:
             ids = self.prompt_ids()
         return ids, max(1, min(max_new_tokens, limit - len(ids)))
 
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self._stop_ids[0]
+    @property
+    def engine(self):
+        """The serving engine over this model (built on first use): chat, the API server and
+        alignment rollouts share one generation path."""
+        if self._engine is None:
+            from ownlm.serve.engine import Engine, EngineConfig
+
+            self._engine = Engine(
+                self.model, self.tokenizer, EngineConfig(max_num_seqs=1, prefix_cache_fraction=0.5)
+            )
+        return self._engine
 
     def _generate(
         self,
@@ -97,62 +105,26 @@ class ChatSession:
         max_new_tokens: int = 256,
         temperature: float = 0.7,
         top_p: float = 0.9,
+        seed: int | None = None,
     ) -> str:
-        """One assistant turn: `model.generate` in a thread, text read from a streamer as it comes."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        """One assistant turn through the engine, text streamed as it is decoded. Ctrl-C closes the
+        stream, which aborts the request; the prefix cache keeps earlier turns' keys and values."""
+        from ownlm.serve.sampling import SamplingParams
 
-        interrupt = self._interrupt
-
-        class _Interrupted(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs) -> bool:
-                return interrupt.is_set()
-
-        interrupt.clear()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        input_ids = torch.tensor([prompt_ids], device=self.model.device)
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            if temperature > 0
-            else {"do_sample": False}
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=self._stop_ids,
         )
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self._stop_ids,
-            pad_token_id=self._pad_id(),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_Interrupted()]),
-            **sampling,
-        )
-        error: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # re-raised in the caller's thread below
-                error.append(e)
-                streamer.end()  # unblock the reader, which would otherwise wait forever
-
-        self.model.eval()
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        pieces: list[str] = []
-        try:
-            for piece in streamer:
-                pieces.append(piece)
-                if stream and piece:
-                    stream(piece)
-        except BaseException:
-            interrupt.set()  # Ctrl-C while streaming: stop the generation thread, then propagate
-            raise
-        finally:
-            thread.join()
-        if error:
-            raise error[0]
-        return "".join(pieces)
+        text = ""
+        for out in self.engine.stream(prompt_ids, params):
+            piece = out.outputs[0].delta
+            if stream and piece:
+                stream(piece)
+            text = out.outputs[0].text
+        return text
 
     def send(
         self,
@@ -165,17 +137,13 @@ class ChatSession:
         seed: int | None = None,
     ) -> str:
         """Add a user turn, generate the reply (running tool calls it makes), return its content."""
-        if seed is not None:
-            import torch
-
-            torch.manual_seed(seed)
         before = list(self.messages)
         self.messages.append({"role": "user", "content": user_text})
         try:
             for round_ in range(self.max_tool_rounds + 1):
                 ids, budget = self._fit(max_new_tokens)
                 text = self._generate(
-                    ids, stream=stream, max_new_tokens=budget, temperature=temperature, top_p=top_p
+                    ids, stream=stream, max_new_tokens=budget, temperature=temperature, top_p=top_p, seed=seed
                 )
                 content, calls = parse_tool_calls(text) if self.tools else (text, [])
                 if not calls or round_ == self.max_tool_rounds:
