@@ -163,6 +163,23 @@ def main() -> None:
         + (f"; smol: {reason}" if reason else ""),
     }
     emit_bench(result, args.save)
+    _plot(systems, tiny.run_dir / "alignment.png")
+
+
+def _plot(systems: dict, out) -> None:
+    """Win-rate and refusal bars next to the run (PPO's reward-vs-KL curves are in its artifacts)."""
+    from ownlm.plots import bar_panels
+
+    panels = [("DPO vs SFT (RM-judged)", {"win rate": systems["dpo"]["win_rate_vs_sft"]})]
+    panels.append(("RM held-out pair accuracy", {"before": systems["rm"]["pair_accuracy_before"] or 0.0,
+                                                  "after": systems["rm"]["pair_accuracy"]}))  # fmt: skip
+    if systems.get("smol-cai"):
+        for key, name in (
+            ("harmful_refusal_rate", "refusal, harmful"),
+            ("benign_over_refusal_rate", "refusal, benign"),
+        ):
+            panels.append((name, {k: systems[k][key] for k in ("smol-sft", "smol-cai")}))
+    print(f"plot: {bar_panels(panels, out, 'alignment')}")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,27 @@ def loss_curve(metrics_path: Path, out_png: Path, title: str = "pretraining") ->
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def bar_panels(
+    panels: list[tuple[str, dict[str, float]]], out_png: Path, title: str, ylim: float = 1.0
+) -> Path:
+    """Side-by-side bar charts, one per (title, {label: value}) panel: win rates, refusal rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels, strict=True):
+        bars = ax.bar(list(values), list(values.values()), color="#4C72B0")
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set_ylim(0, ylim)
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
