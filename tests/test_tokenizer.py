@@ -84,3 +84,24 @@ def test_existing_tokenizer_can_be_swapped_in(tokenizer, tmp_path, small_corpus)
     assert swapped.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(OwnlmError, match="no tokenizer.json"):
         run_tokenizer(tiny_recipe(tmp_path / "runs2", small_corpus, tokenizer={"path": str(tmp_path)}))
+
+
+def test_digits_are_single_tokens_and_text_round_trips(tmp_path):
+    import json
+
+    from ownlm.tokenizer import TokenizerConfig, train_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [
+        {"id": str(i), "text": f"In {1990 + i} we sold {i * 1234} apples for {i * 77} pounds."}
+        for i in range(300)
+    ]
+    (corpus / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    text = "What is 4821 * 37? 178377."
+    for split, expect_single in ((True, True), (False, False)):
+        tok = train_tokenizer(corpus, TokenizerConfig(vocab_size=600, split_digits=split))
+        pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+        digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+        assert all(len(p.lstrip("Ġ")) == 1 for p in digit_pieces) is expect_single
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
