@@ -603,12 +603,12 @@ def test_disconnect_mid_stream_aborts_the_request(server, engine):
     assert after.running_requests == 0 and after.kv_tokens_used == before.kv_tokens_used == 0
     assert after.requests_finished.get("abort", 0) == before.requests_finished.get("abort", 0) + 1
     assert after.generation_tokens - before.generation_tokens < 480  # stopped early
-    # Not streaming: the client gives up waiting; the request is aborted too.
-    body = {**body, "stream": False}
+    # Not streaming: the client gives up waiting; the request (its 16 sequences) is aborted too.
+    body = {**body, "stream": False, "n": 16}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.1)
     after2 = wait_idle(engine)
-    assert after2.requests_finished.get("abort", 0) == after.requests_finished.get("abort", 0) + 1
+    assert after2.requests_finished.get("abort", 0) == after.requests_finished.get("abort", 0) + 16
     assert after2.kv_tokens_used == 0 and healthy(server)
     assert server.app.state.ownlm.pending == 0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import secrets
@@ -205,8 +206,10 @@ class Metrics:
         self.prefix_usage.set(s.prefix_cache_tokens / max(1, s.prefix_cache_capacity))
 
 
-class _CountRequests:
-    """ASGI middleware: count every HTTP response by endpoint and status code."""
+class _Outermost:
+    """ASGI middleware: count every HTTP response by endpoint and status code, and turn an
+    unhandled exception into a JSON 500 (Starlette's own handler re-raises it, and uvicorn then
+    drops the connection: a keep-alive client would see its next request fail)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -214,7 +217,7 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status = None
 
         async def send_status(message):
             nonlocal status
@@ -224,9 +227,15 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception as e:
+            log.exception("internal error on %s", scope.get("path"))
+            if status is not None:  # the response has begun: nothing else can be sent
+                raise
+            response = error_response(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
+            await response(scope, receive, send_status)
         finally:
             path = scope.get("path", "")
-            self.metrics.requests.labels(path if path in ROUTES else "other", str(status)).inc()
+            self.metrics.requests.labels(path if path in ROUTES else "other", str(status or 500)).inc()
 
 
 class _SSE(StreamingResponse):
@@ -530,10 +539,12 @@ def create_app(
     served_model_name: str,
     max_pending: int = 1024,
     on_load_error: Callable[[BaseException], None] | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """The API app. `engine` is an Engine, or a function that loads one (called in a background
     thread at startup; /health says 503 until it returns). At most `max_pending` generation
-    requests are served at once; more get 503."""
+    requests are served at once; more get 503. `freeze_gc`: move everything alive once the model is
+    loaded out of the garbage collector's reach (`gc.freeze`; for a server process)."""
     metrics = Metrics()
     state = _State(served_model_name, max_pending, metrics)
 
@@ -541,6 +552,11 @@ def create_app(
         try:
             e = engine() if callable(engine) and not isinstance(engine, Engine) else engine
             e.add_listener(on_finish=metrics.on_finish)
+            if freeze_gc:
+                # Everything loaded so far lives as long as the server: keep it out of the
+                # collector's full passes (shorter GC pauses while serving).
+                gc.collect()
+                gc.freeze()
             e.start()
             state.engine = e
             log.info("serving %s", served_model_name)
@@ -562,16 +578,11 @@ def create_app(
 
     app = FastAPI(title="ownlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ownlm = state
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(_Outermost, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError):
         return _api_error(e)
-
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, e: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
 
     @app.exception_handler(404)
     async def on_404(request: Request, e):
@@ -1059,7 +1070,13 @@ def run_server(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(load, served_model_name=served_model_name, max_pending=max_pending, on_load_error=failed)
+    app = create_app(
+        load,
+        served_model_name=served_model_name,
+        max_pending=max_pending,
+        on_load_error=failed,
+        freeze_gc=True,
+    )
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
     server = uvicorn.Server(config)
     server.run()
