@@ -82,6 +82,11 @@ def test_dpo_method_judges_pairs_then_trains_and_skips_when_up_to_date(recipe):
     run_align(recipe, method="dpo")
     assert (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing retrained
 
+    from ownlm.report import write_report
+
+    page = write_report(recipe.run_dir).read_text(encoding="utf-8")
+    assert "<h2>pairs</h2>" in page and "<h2>align</h2>" in page and "<h2>instruct</h2>" in page
+
 
 def test_ppo_method_trains_a_reward_model_first_and_records_its_inputs(recipe):
     from transformers import AutoModelForSequenceClassification

@@ -10,7 +10,9 @@ from pathlib import Path
 from ownlm.artifacts import read_manifest
 from ownlm.errors import OwnlmError
 
-STAGES = ("data", "clean", "tokenizer", "shards", "pretrain", "instruct", "sft")
+# Artifact folders in pipeline order; alignment's sub-steps each have their own manifest.
+STAGES = ("data", "clean", "tokenizer", "shards", "pretrain", "instruct", "augment", "sft", "pairs", "reward",
+          "cai/sl_data", "cai/sl", "cai/pairs", "align")  # fmt: skip
 
 
 def _fmt(v) -> str:
