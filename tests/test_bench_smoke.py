@@ -45,3 +45,10 @@ def test_dedup_bench():
     check_shape(r, {"ownlm-minhash", "ownlm-simhash", "datasketch", "ownlm-minhash-dask"})
     assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_local_executor"]
     assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_ownlm_minhash"]
+
+
+def test_serve_bench():
+    r = _run("serve.py", "--requests", "12", "--hf-requests", "6", "--rates", "20", "--concurrency", "1", "4")
+    check_shape(r, {"ownlm", "hf-generate", "vllm-cpu"})
+    assert r["systems"]["ownlm"]["errors"] == 0 and r["systems"]["ownlm"]["output_tokens_per_s"] > 0
+    assert r["systems"]["vllm-cpu"] is None and "vllm-cpu" in r["why"]  # not requested: says so

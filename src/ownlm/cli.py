@@ -219,7 +219,9 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(min=8, help="Context cap (default: model).")] = None,
     max_pending: Annotated[int, typer.Option(min=1, help="Requests in flight before 503s.")] = 1024,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (default: fp32).")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (default: cores - 1, leaving one to HTTP).")
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
     from ownlm.models import builtin_model
@@ -237,10 +239,13 @@ def serve(
     )
 
     def load() -> Engine:
-        if threads:
-            import torch
+        import os
 
-            torch.set_num_threads(threads)
+        import torch
+
+        # A torch thread per core would spin against the event loop's thread: on 2 cores measured
+        # ~20x slower streaming than 1 thread (bench/serve.py).
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
         return Engine.from_pretrained(path, dtype=dtype, config=config)
 
     print(f"serving {path} as {name!r} on http://{host}:{port}/v1", file=sys.stderr)

@@ -561,7 +561,10 @@ def create_app(
             state.engine = e
             log.info("serving %s", served_model_name)
         except BaseException as exc:  # reported by /health and every route
-            log.exception("could not load the model")
+            if isinstance(exc, OwnlmError):
+                log.error("could not load the model: %s", exc)
+            else:
+                log.exception("could not load the model")
             state.load_error = f"{type(exc).__name__}: {exc}"
             if on_load_error is not None:
                 on_load_error(exc)
@@ -772,6 +775,13 @@ def create_app(
             top.append({"token": t, "logprob": v, "bytes": b})
         return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
 
+    def constrained(req) -> bool:
+        fmt, choice = req.response_format, getattr(req, "tool_choice", None)
+        forced = bool(getattr(req, "tools", None)) and (
+            choice == "required" or isinstance(choice, NamedToolChoice)
+        )
+        return forced or (fmt is not None and fmt.type != "text")
+
     def structured_for(req, n: int):
         """The allowed-token factory for a request's response_format / tool_choice, or None."""
         fmt = req.response_format
@@ -808,7 +818,7 @@ def create_app(
             raise APIError(400, f"cannot render the chat template: {exc}", param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         _check_length(e, len(ids), max_tokens, "messages")
-        allowed = await asyncio.to_thread(structured_for, req, req.n)
+        allowed = await asyncio.to_thread(structured_for, req, req.n) if constrained(req) else None
         params = _sampling(
             req,
             max_tokens=max_tokens,
@@ -953,7 +963,7 @@ def create_app(
         max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
         if any(len(x) + max_tokens > e.max_model_len for x in ids):
             max_tokens = None  # the default does not fit: whatever the context leaves
-        allowed = await asyncio.to_thread(structured_for, req, req.n * len(ids))
+        allowed = await asyncio.to_thread(structured_for, req, req.n * len(ids)) if constrained(req) else None
         rid = _new_id("cmpl")
         created = int(time.time())
         echo = [e.tokenizer.decode(x, skip_special_tokens=True) if req.echo else "" for x in ids]

