@@ -244,7 +244,7 @@ def serve(
         import torch
 
         # A torch thread per core would spin against the event loop's thread: on 2 cores measured
-        # ~20x slower streaming than 1 thread (bench/serve.py).
+        # 12-20x slower streaming than 1 thread (bench/serve.py).
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
         return Engine.from_pretrained(path, dtype=dtype, config=config)
 
