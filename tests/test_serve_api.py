@@ -545,6 +545,8 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, 
     ] == ("messages[0].role")
     assert error_of(httpx.post(url, json={**ok, "temperature": 9}), 400)["param"] == "temperature"
     assert error_of(httpx.post(url, json={**ok, "n": 0}), 400)["param"] == "n"
+    assert error_of(httpx.post(url, json={**ok, "stream": "often"}), 400)["param"] == "stream"
+    assert error_of(httpx.post(url, json={**ok, "stop": 3}), 400)["param"] == "stop"
     bad_part = {**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     assert error_of(httpx.post(url, json=bad_part), 400)["param"] == "messages[0].content[0]"
     bad_schema = {**ok, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}}

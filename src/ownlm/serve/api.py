@@ -101,11 +101,17 @@ def _param(loc: tuple) -> str | None:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("body",) and not out:
-            continue
-        elif not str(part).startswith(("function-", "list[", "str", "int", "constrained")):
+        elif not _is_union_tag(str(part)):
             out += ("." if out else "") + str(part)
     return out or None
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the member of a union it tried (`str`, `list[int]`, `function-after[...]`, a
+    model's class name); OpenAI's parameter names are lower-case words."""
+    return (
+        part in {"str", "int", "float", "bool", "dict", "list", "none"} or "[" in part or part[:1].isupper()
+    )
 
 
 async def _parse(request: Request, model: type[BaseModel]):
