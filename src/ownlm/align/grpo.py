@@ -107,7 +107,7 @@ def run_grpo(sft_dir: Path | str, records: list[dict], cfg: GRPOStageConfig, out
             per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
             max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, beta=cfg.beta,
             loss_type=cfg.loss_type, seed=cfg.seed, data_seed=cfg.seed,
-            bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, gradient_checkpointing=False,
+            bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, activation_checkpointing=False,
             logging_steps=cfg.log_every, logging_first_step=True, report_to="none", save_strategy="no",
             disable_tqdm=True,
         )  # fmt: skip
