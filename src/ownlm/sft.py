@@ -50,9 +50,10 @@ class SFTConfig(LoraSettings):
     max_length: int = Field(1024, ge=8, description="Longest tokenised conversation; longer are skipped.")
     packing: bool = Field(False, description="Pack conversations into max_length rows (TRL's BFD packing).")
     group_by_length: bool = Field(
-        True,
-        description="Batch conversations of similar length (less padding: tool chats with a long schema "
-        "no longer pad every short chat in their batch). Ignored with packing.",
+        False,
+        description="Batch conversations of similar length: less padding and ~25% faster, but batches of "
+        "one kind (all calculator chats, then all short chats); on the tiny recipe it raised val loss from "
+        "2.51 to 3.74 and the model lost its tool calls, so it is off unless asked for (not with packing).",
     )
     assistant_only_loss: bool = Field(True, description="Loss on assistant turns only (prompts are context).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (CUDA).")
