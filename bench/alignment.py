@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 
 from ownlm.config import load_recipe
@@ -179,7 +180,7 @@ def _plot(systems: dict, out) -> None:
             ("benign_over_refusal_rate", "refusal, benign"),
         ):
             panels.append((name, {k: systems[k][key] for k in ("smol-sft", "smol-cai")}))
-    print(f"plot: {bar_panels(panels, out, 'alignment')}")
+    print(f"plot: {bar_panels(panels, out, 'alignment')}", file=sys.stderr)  # stdout holds only the JSON
 
 
 if __name__ == "__main__":
