@@ -45,7 +45,7 @@ from pydantic import Field
 
 from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
 from ownlm.config import StrictModel
-from ownlm.data.records import decode_utf8
+from ownlm.data.records import RecordError, iter_validated_jsonl
 from ownlm.errors import OwnlmError
 from ownlm.generation import sample_replies
 from ownlm.instruct.formats import ROLES
@@ -55,12 +55,8 @@ Messages = list[dict[str, Any]]
 SPLITS = ("train", "val")
 
 
-class PairError(OwnlmError):
+class PairError(RecordError):
     """A malformed pair line; `reason` is the key skips are counted under."""
-
-    def __init__(self, where: str, reason: str, detail: str) -> None:
-        super().__init__(f"{where}: {detail}")
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------------- validation
@@ -135,40 +131,15 @@ def iter_pairs(
     tokenizer and `max_length` are given, `too_long`. Other bad lines raise `PairError` naming
     file:line, or with `on_error="skip"` are counted by reason. A bad label always raises.
     """
-    path = Path(path)
     counter = counter if counter is not None else Counter()
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    line = decode_utf8(raw, where, offset)
-                except OwnlmError as e:
-                    raise PairError(where, "bad_utf8", str(e).split(": ", 1)[1]) from None
-                finally:
-                    offset += len(raw)
-                line = line.removeprefix("\ufeff") if lineno == 1 else line
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PairError(
-                        where, "bad_json", f"not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                pair = validate_pair(obj, where)
-            except PairError as e:
-                if on_error == "raise":
-                    raise
-                counter[e.reason] += 1
-                continue
-            if pair["chosen"].strip() == pair["rejected"].strip():
-                counter["identical"] += 1
-                continue
-            if tokenizer is not None and max_length is not None and pair_length(pair, tokenizer) > max_length:
-                counter["too_long"] += 1
-                continue
+    for _, pair in iter_validated_jsonl(
+        Path(path), validate_pair, PairError, on_error=on_error, counter=counter
+    ):
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            counter["identical"] += 1
+        elif tokenizer is not None and max_length is not None and pair_length(pair, tokenizer) > max_length:
+            counter["too_long"] += 1
+        else:
             yield pair
 
 

@@ -125,3 +125,48 @@ def iter_corpus(corpus_dir: Path) -> Iterator[Record]:
         raise OwnlmError(f"{corpus_dir}: not a corpus directory")
     for path in sorted(corpus_dir.glob("*.jsonl")):
         yield from iter_jsonl(path, complete=True)
+
+
+class RecordError(OwnlmError):
+    """A bad line of a record file; `reason` is the short key skipped lines are counted under."""
+
+    def __init__(self, where: str, reason: str, detail: str) -> None:
+        super().__init__(f"{where}: {detail}")
+        self.reason = reason
+
+
+def iter_validated_jsonl(
+    path: Path, validate, error: type[RecordError], *, on_error: str = "raise", counter=None
+) -> Iterator[tuple[int, Any]]:
+    """(line number, validate(obj, "file:line")) for each non-blank line of a JSONL file.
+
+    Undecodable bytes and bad JSON raise `error` with reasons `bad_utf8` / `bad_json`, as does
+    `validate` for its own reasons; with `on_error="skip"` such lines are counted in `counter`.
+    """
+    path = Path(path)
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    line = decode_utf8(raw, where, offset)
+                except OwnlmError as e:
+                    raise error(where, "bad_utf8", str(e).split(": ", 1)[1]) from None
+                finally:
+                    offset += len(raw)
+                line = line.removeprefix("\ufeff") if lineno == 1 else line
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(where, "bad_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
+                value = validate(obj, where)
+            except RecordError as e:
+                if on_error == "raise":
+                    raise
+                if counter is not None:
+                    counter[e.reason] += 1
+                continue
+            yield lineno, value

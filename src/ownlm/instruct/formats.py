@@ -20,20 +20,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from ownlm.data.records import decode_utf8
-from ownlm.errors import OwnlmError
+from ownlm.data.records import RecordError, iter_validated_jsonl
 
 Record = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
 INPUT_AT = "seed_input_at"
 
 
-class InstructError(OwnlmError):
+class InstructError(RecordError):
     """A bad instruction record; `reason` is a short key used to count skips."""
-
-    def __init__(self, where: str, reason: str, detail: str) -> None:
-        super().__init__(f"{where}: {detail}")
-        self.reason = reason
 
 
 def validate_seed(record: Any, where: str) -> Record:
@@ -187,36 +182,10 @@ def iter_instruct_jsonl(
     `counter[reason]` (reasons are `InstructError.reason`, plus `bad_json` and `bad_utf8`).
     """
     path = Path(path)
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    line = decode_utf8(raw, where, offset)
-                except OwnlmError as e:
-                    raise InstructError(where, "bad_utf8", str(e).split(": ", 1)[1]) from None
-                finally:
-                    offset += len(raw)
-                line = line.removeprefix("\ufeff") if lineno == 1 else line
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InstructError(
-                        where, "bad_json", f"not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                rec = validate_chat(obj, where)
-            except InstructError as e:
-                if on_error == "raise":
-                    raise
-                if counter is not None:
-                    counter[e.reason] += 1
-                continue
-            if "id" not in rec:
-                rec = {"id": f"{path.name}:{lineno}", **rec}
-            yield rec
+    for lineno, rec in iter_validated_jsonl(
+        path, validate_chat, InstructError, on_error=on_error, counter=counter
+    ):
+        yield rec if "id" in rec else {"id": f"{path.name}:{lineno}", **rec}
 
 
 def too_long(record: Record, tokenizer: Any, max_tokens: int, tools: list[Record] | None = None) -> bool:
