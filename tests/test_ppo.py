@@ -34,7 +34,7 @@ def test_kl_estimators_on_the_worked_example():
     """k1 = log p − log p_ref; k3 = (r − 1) − log r with r = p_ref / p = e^−d, i.e. e^−d − 1 + d:
     d = 0.1 → 0.904837 − 1 + 0.1 = 0.004837; d = −0.2 → 1.221403 − 1 − 0.2 = 0.021403;
     d = 0.3 → 0.740818 − 0.7 = 0.040818; d = 0.5 → 0.606531 − 0.5 = 0.106531; d = 0.2 → 0.018731."""
-    from ownlm.align.ppo import kl_penalty
+    from ownlm.align.ppo_math import kl_penalty
 
     assert close(kl_penalty(LOGP, REF_LOGP, "k1") * MASK, [[0.1, -0.2, 0.0, 0.3], [0.5, 0.2, 0, 0]])
     k3 = kl_penalty(LOGP, REF_LOGP, "k3") * MASK
@@ -54,7 +54,7 @@ def test_rewards_and_gae_on_the_worked_example():
            δ0 = −0.01 + 0.4 − 0.5 = −0.11 → A0 = −0.11 + 0.95·0.563425 = 0.42525375.
     seq 2: δ1 = −0.52 + 0 − (−0.1) = −0.42 → A1 = −0.42; δ0 = −0.05 − 0.1 − 0.2 = −0.35 →
            A0 = −0.35 + 0.95·(−0.42) = −0.749.  Returns = A + V; padding (junk values 7.0) gives 0."""
-    from ownlm.align.ppo import gae, kl_penalty, token_rewards
+    from ownlm.align.ppo_math import gae, kl_penalty, token_rewards
 
     kl = kl_penalty(LOGP, REF_LOGP, "k1") * MASK
     assert close(kl.sum(1).mean(), 0.45)  # the logged KL: per-sequence sums 0.2 and 0.7, averaged
@@ -71,7 +71,7 @@ def test_rewards_and_gae_on_the_worked_example():
 def test_whiten_uses_only_real_tokens():
     """Real values 1, 2, 3, 4 (99 is padding): mean 2.5, unbiased variance (2.25 + 0.25 + 0.25 + 2.25)/3
     = 5/3, std 1.290994: whitened −1.161895, −0.387298, 0.387298, 1.161895 (+2.5 without the mean shift)."""
-    from ownlm.align.ppo import whiten
+    from ownlm.align.ppo_math import whiten
 
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
     m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -86,7 +86,7 @@ def test_clipped_policy_loss_and_clip_fraction():
     (A −2, r 0.5): 1.0 vs 1.6 → 1.6 clipped;    (A 1, r 1.1): −1.1 both.
     Loss = (−1.2 + 1.5 − 1.0 − 0.5 + 1.6 − 1.1) / 6 = −0.7 / 6 = −0.116667; clip fraction 2/6.
     Approximate KL ½·mean(log² r) = ½·(2·0.164402 + 2·0.480453 + 0 + 0.009084) / 6 = 0.108233."""
-    from ownlm.align.ppo import policy_loss
+    from ownlm.align.ppo_math import policy_loss
 
     adv = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-2.0, 1.0, 5.0, 5.0]])
     ratio = torch.tensor([[1.5, 1.5, 0.5, 1.0], [0.5, 1.1, 3.0, 3.0]])  # 3.0 on padding
@@ -101,7 +101,7 @@ def test_clipped_value_loss_and_clip_fraction():
     (v .6, old .6, R .5): .01 both;  (v 1, old .8, R .7): .09 both (exactly at the edge);
     (v −.5, old .2, R −.6): .01 vs (0 + .6)² = .36 → .36 clipped;  (v 0, old −.1, R .3): .09 both.
     Loss = ½·(.09 + .09 + .01 + .09 + .36 + .09)/6 = ½·0.121667 = 0.060833; clip fraction 2/6."""
-    from ownlm.align.ppo import value_loss
+    from ownlm.align.ppo_math import value_loss
 
     vpred = torch.tensor([[0.9, 0.3, 0.6, 1.0], [-0.5, 0.0, 5.0, 5.0]])
     old = torch.tensor([[0.5, 0.4, 0.6, 0.8], [0.2, -0.1, 0.0, 0.0]])
@@ -115,7 +115,7 @@ def test_adaptive_kl_controller_and_entropy():
     β·(1 + 0.2·256/10000) = 0.100512; KL 3 (error −0.5 → −0.2) after 1000: ·0.98 = 0.09850176;
     KL 6.6 (error 0.1) after 500: ·1.005 = 0.098994269. Entropy of softmax([0, ln 3]) = (¼, ¾):
     ¼·ln 4 + ¾·ln(4/3) = 0.346574 + 0.215762 = 0.562335."""
-    from ownlm.align.ppo import AdaptiveKLController, FixedKLController, entropy_from_logits
+    from ownlm.align.ppo_math import AdaptiveKLController, FixedKLController, entropy_from_logp
 
     c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     c.update(9.0, 256)
@@ -127,7 +127,7 @@ def test_adaptive_kl_controller_and_entropy():
     f = FixedKLController(0.1)
     f.update(100.0, 1000)
     assert f.value == 0.1
-    assert close(entropy_from_logits(torch.tensor([0.0, math.log(3)])), 0.562335)
+    assert close(entropy_from_logp(torch.log_softmax(torch.tensor([0.0, math.log(3)]), -1)), 0.562335)
 
 
 def test_task_reward_checks_answers_and_format():
