@@ -105,3 +105,29 @@ def prepare_corpus(recipe):
     run_data(recipe)
     if recipe.clean.enabled:
         run_clean(recipe)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread, and on a shared 2-core machine a second
+    OpenMP thread per process makes a step up to ~10x slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def stdlib_tokenizer(corpus_dir: Path, files: tuple[str, ...], vocab_size: int):
+    """A small byte-level BPE trained on a few stdlib source files (real text, no downloads)."""
+    import sysconfig
+
+    from ownlm.tokenizer import TokenizerConfig, train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with open(corpus_dir / "c.jsonl", "w", encoding="utf-8") as f:
+        for name in files:
+            f.write(json.dumps({"id": name, "text": (stdlib / name).read_text(encoding="utf-8")}) + "\n")
+    return train_tokenizer(corpus_dir, TokenizerConfig(vocab_size=vocab_size, min_frequency=2))

@@ -21,19 +21,12 @@ import pytest
 from ownlm.errors import OwnlmError
 
 # peft/TRL call transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 BANNED = ("stupid", "idiot", "hate", "dumb")
 KIND = ("happy", "kind", "nice", "glad")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def banned_word_pair(i: int) -> dict:

@@ -25,6 +25,8 @@ LOGP = REF_LOGP + DIFF
 SCORES = torch.tensor([1.0, -0.5])
 VALUES = torch.tensor([[0.5, 0.4, 0.6, 0.8], [0.2, -0.1, 7.0, 7.0]])
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def close(a, b, tol=1e-5):
     return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.tensor(b), atol=tol)
@@ -145,16 +147,6 @@ def test_task_reward_checks_answers_and_format():
 
 
 # ------------------------------------------------------------------------------ real tiny models
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are fastest single-threaded, and on a shared, busy CPU several OpenMP threads
-    per process slow HF generation down a hundredfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ import math
 import random
 import struct
 import sys
-import sysconfig
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -32,7 +30,6 @@ from ownlm.serve.engine import (
 )
 from ownlm.serve.engine import SamplingParams as EngineParams
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MAX_PENDING = 64
 CALC = {
     "type": "function",
@@ -60,24 +57,15 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from ownlm.tokenizer import TokenizerConfig, train_tokenizer
+    from conftest import stdlib_tokenizer
 
-    corpus = tmp_path_factory.mktemp("corpus")
-    with open(corpus / "c.jsonl", "w", encoding="utf-8") as f:
-        for name in ("textwrap.py", "difflib.py", "json/decoder.py"):
-            f.write(json.dumps({"id": name, "text": (STDLIB / name).read_text(encoding="utf-8")}) + "\n")
-    return train_tokenizer(corpus, TokenizerConfig(vocab_size=768, min_frequency=2))
+    files = ("textwrap.py", "difflib.py", "json/decoder.py")
+    return stdlib_tokenizer(tmp_path_factory.mktemp("corpus"), files, 768)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sysconfig
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from ownlm.serve.engine import Engine, EngineConfig, EngineError, RequestRejecte
 UTF8_TEXT = "Grüße, 你好世界! naïve café 🙂 — über 東京 ✓"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
@@ -24,23 +25,11 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from ownlm.tokenizer import TokenizerConfig, train_tokenizer
+    from conftest import stdlib_tokenizer
 
-    corpus = tmp_path_factory.mktemp("corpus")
-    with open(corpus / "c.jsonl", "w", encoding="utf-8") as f:
-        for name in ("textwrap.py", "difflib.py", "calendar.py"):
-            f.write(json.dumps({"id": name, "text": (STDLIB / name).read_text(encoding="utf-8")}) + "\n")
     # 512 symbols: the UTF-8 text's CJK characters and emoji stay split over several byte tokens.
-    return train_tokenizer(corpus, TokenizerConfig(vocab_size=512, min_frequency=2))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread only adds contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    files = ("textwrap.py", "difflib.py", "calendar.py")
+    return stdlib_tokenizer(tmp_path_factory.mktemp("corpus"), files, 512)
 
 
 def _build(tokenizer, seed: int = 0, **cfg):
