@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from ownlm.serve.api import _ToolCallStream, create_app
+from ownlm.serve.api import create_app
 from ownlm.serve.engine import (
     CompletionOutput,
     Engine,
@@ -29,6 +29,7 @@ from ownlm.serve.engine import (
     RequestOutput,
 )
 from ownlm.serve.engine import SamplingParams as EngineParams
+from ownlm.serve.openai_responses import ToolCallStream
 
 MAX_PENDING = 64
 CALC = {
@@ -496,7 +497,7 @@ def test_tool_call_parsing_streamed_in_any_pieces(cut):
 def test_tool_call_stream_holds_back_only_a_possible_tag():
     rng = random.Random(0)
     for text in ("a < b and <tool x", "<tool_call", "x <tool_call>{bad json}</tool_call>", REPLY):
-        p = _ToolCallStream()
+        p = ToolCallStream()
         out, i = "", 0
         while i < len(text):
             k = rng.randint(1, 4)

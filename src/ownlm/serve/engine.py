@@ -62,6 +62,10 @@ offered its TTFT p99 was ~55 ms). Its per-request options are temperature,
 top-k and top-p (only when the generation config enables those processors), `cancel_request` and
 streaming; it has no per-request seed, stop strings, penalties or logprobs, so those would be
 rebuilt around it anyway. So the engine is hand-written and uses only the model's modules.
+
+Layout: this module is the engine (interface, step loop, forwards); `outputs` (what it returns),
+`request_state` (per-request/sequence state, token acceptance and stops), `sinks` (where outputs
+go), `scheduler`, `kv_cache`, `sampling`, `detokenizer`.
 """
 
 from __future__ import annotations
@@ -69,21 +73,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import torch
 
 from ownlm.errors import OwnlmError
-from ownlm.serve.detokenizer import IncrementalDetokenizer, StopMatcher, TokenBytes
+from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
 from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
+from ownlm.serve.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from ownlm.serve.request_state import RequestState, SequenceState
 from ownlm.serve.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample
 from ownlm.serve.scheduler import RequestRejected, Scheduler
+from ownlm.serve.sinks import AsyncSink, CollectSink, QueueSink
 
 log = logging.getLogger(__name__)
 
@@ -123,176 +129,6 @@ class EngineConfig:
     default_max_tokens: int | None = 512
     seq_block: int = 64  # row lengths are padded to a multiple of this
     self_check: bool = True  # compare engine logits with plain forwards once at start
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str  # the whole completion so far (final: without any stop string)
-    delta: str  # new text since this sequence's previous output
-    token_ids: list[int]  # all generated ids so far (a stop token id included)
-    delta_token_ids: list[int]
-    logprobs: list[TokenLogprob] | None  # when SamplingParams.logprobs is set
-    delta_logprobs: list[TokenLogprob] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-
-
-@dataclass
-class RequestMetrics:
-    arrival: float  # time.perf_counter() when submitted
-    prompt_tokens: int
-    scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    itl: list[float] = field(default_factory=list)  # seconds between a request's successive tokens
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival
-
-    @property
-    def e2e(self) -> float | None:
-        return None if self.finished is None else self.finished - self.arrival
-
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.scheduled is None else self.scheduled - self.arrival
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics
-    error: str | None = None
-
-
-@dataclass
-class EngineStats:
-    waiting: int = 0  # queue length
-    running_requests: int = 0
-    running_seqs: int = 0  # batch size
-    kv_tokens_used: int = 0  # reserved rectangle of the running rows (padded)
-    kv_tokens_budget: int = 0  # for running rows (total budget minus the prefix pool)
-    kv_usage: float = 0.0  # kv_tokens_used / kv_tokens_budget
-    prefix_cache_tokens: int = 0  # tokens held by the prefix pool
-    prefix_cache_capacity: int = 0
-    prefix_cache_hit_tokens: int = 0  # counters from here on
-    prompt_tokens: int = 0
-    prefill_tokens: int = 0  # prompt tokens actually computed (prompt minus prefix hits)
-    generation_tokens: int = 0
-    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
-    requests_rejected: int = 0
-    steps: int = 0
-    last_step_s: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sinks: where a request's outputs go.
-
-
-class _CollectSink:
-    stream = False
-
-    def __init__(self) -> None:
-        self.result: RequestOutput | None = None
-
-    def put(self, out: RequestOutput | BaseException) -> None:
-        if isinstance(out, BaseException):
-            raise out
-        self.result = out
-
-
-class _QueueSink:
-    def __init__(self, stream: bool) -> None:
-        self.stream = stream
-        self.queue: queue.Queue = queue.Queue()
-
-    def put(self, out) -> None:
-        self.queue.put(out)
-
-
-class _AsyncSink:
-    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
-        self.loop = loop
-        self.stream = stream
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Request state (engine thread only).
-
-
-class _Seq:
-    __slots__ = (
-        "active",
-        "detok",
-        "emitted",
-        "finish_reason",
-        "index",
-        "last_token",
-        "length",
-        "logprobs",
-        "new_from_logprobs",
-        "new_from_tokens",
-        "req",
-        "sampler",
-        "stop_reason",
-        "text",
-        "tokens",
-    )
-
-    def __init__(self, index: int, req: _Request, sampler: SequenceSampler, detok: IncrementalDetokenizer):
-        self.index = index
-        self.req = req
-        self.sampler = sampler
-        self.detok = detok
-        self.tokens: list[int] = []
-        self.logprobs: list[TokenLogprob] | None = [] if req.params.logprobs is not None else None
-        self.text = ""  # decoded so far (may end with a held-back tail)
-        self.emitted = 0  # characters of `text` already sent
-        self.new_from_tokens = 0
-        self.new_from_logprobs = 0
-        self.finish_reason: str | None = None
-        self.stop_reason: str | int | None = None
-        self.length = 0  # tokens whose KV is in this sequence's row
-        self.last_token = 0  # sampled, not yet in the KV cache
-        self.active = False  # decoding (False while prefilling or waiting for its fork)
-
-
-class _Request:
-    def __init__(
-        self, rid: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int, sink, stop_ids
-    ):
-        self.id = rid
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.max_tokens = max_tokens
-        self.reserve = len(prompt_ids) + max_tokens
-        self.n_rows = params.n
-        self.sink = sink
-        self.stop_ids = frozenset(() if params.ignore_eos else stop_ids)
-        self.stops = StopMatcher(list(params.stop or []))
-        self.metrics = RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt_ids))
-        self.seqs: list[_Seq] = []
-        self.prefilled = 0  # prompt tokens in the first sequence's row
-        self.prefix_chain: list[int] = []
-        self.aborted = False
-        self.finished = False
-        self.error: str | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt_ids)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 class Engine:
@@ -362,10 +198,10 @@ class Engine:
         self.pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
         self._token_bytes = TokenBytes(tokenizer)
 
-        self._rows: list[_Seq] = []  # row i of the cache belongs to _rows[i]
-        self._running: dict[str, _Request] = {}
-        self._requests: dict[str, _Request] = {}  # waiting or running, by id
-        self._inbox: list[_Request] = []
+        self._rows: list[SequenceState] = []  # row i of the cache belongs to _rows[i]
+        self._running: dict[str, RequestState] = {}
+        self._requests: dict[str, RequestState] = {}  # waiting or running, by id
+        self._inbox: list[RequestState] = []
         self._aborts: set[str] = set()
         self._inbox_lock = threading.Lock()
         self._step_lock = threading.RLock()
@@ -477,7 +313,7 @@ class Engine:
             raise
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
-        req = _Request(rid, ids, params, max_tokens, sink or _CollectSink(), stop_ids)
+        req = RequestState(rid, ids, params, max_tokens, sink or CollectSink(), stop_ids)
         with self._work:
             if rid in self._requests:
                 raise OwnlmError(f"request id {rid!r} is already in use")
@@ -506,11 +342,11 @@ class Engine:
         batch = [prompts] if single else list(prompts)
         plist = params if isinstance(params, list) else [params] * len(batch)
         if self.running_in_background:
-            sinks = [_QueueSink(stream=False) for _ in batch]
+            sinks = [QueueSink(stream=False) for _ in batch]
             for p, sp, s in zip(batch, plist, sinks, strict=True):
                 self.add_request(p, sp, sink=s)
             return [self._raise_error(s.queue.get()) for s in sinks]
-        sinks = [_CollectSink() for _ in batch]
+        sinks = [CollectSink() for _ in batch]
         for p, sp, s in zip(batch, plist, sinks, strict=True):
             self.add_request(p, sp, sink=s)
         while any(s.result is None for s in sinks):
@@ -520,11 +356,11 @@ class Engine:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None):
         """Sync streaming: RequestOutputs as tokens arrive (driving the engine when no loop runs).
         Closing the iterator early aborts the request."""
-        sink = _QueueSink(stream=True)
+        sink = QueueSink(stream=True)
         rid = self.add_request(prompt, params, request_id, sink=sink)
         return self._iter_sink(rid, sink)
 
-    def _iter_sink(self, rid: str, sink: _QueueSink) -> Iterator[RequestOutput]:
+    def _iter_sink(self, rid: str, sink: QueueSink) -> Iterator[RequestOutput]:
         done = False
         try:
             while True:
@@ -552,7 +388,7 @@ class Engine:
         Starts the background loop if needed. If the consumer stops early (client disconnect,
         task cancelled), the request is aborted. Validation errors raise on the first iteration."""
         self.start()
-        sink = _AsyncSink(asyncio.get_running_loop(), stream)
+        sink = AsyncSink(asyncio.get_running_loop(), stream)
         rid = self.add_request(prompt, params, request_id, sink=sink)
         done = False
         try:
@@ -634,7 +470,7 @@ class Engine:
         """One engine iteration (see the module docstring). Returns the outputs it produced."""
         with self._step_lock:
             t0 = time.perf_counter()
-            touched: dict[str, _Request] = {}
+            touched: dict[str, RequestState] = {}
             try:
                 with torch.inference_mode():
                     self._take_inbox(touched)
@@ -652,7 +488,7 @@ class Engine:
                     self._call_listener(cb, s)
             return outs
 
-    def _take_inbox(self, touched: dict[str, _Request]) -> None:
+    def _take_inbox(self, touched: dict[str, RequestState]) -> None:
         with self._inbox_lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
@@ -667,15 +503,15 @@ class Engine:
                 req.seqs = [self._new_seq(req, i) for i in range(req.params.n)]
             for seq in req.seqs:
                 if seq.finish_reason is None:
-                    self._finish(seq, "abort")
+                    seq.finish("abort")
             touched[req.id] = req
         self._free_finished_rows()
 
-    def _new_seq(self, req: _Request, index: int) -> _Seq:
+    def _new_seq(self, req: RequestState, index: int) -> SequenceState:
         p = req.params
         seed = None if p.seed is None else p.seed + index
         sampler = SequenceSampler(p, seed, self.vocab_size, req.prompt_ids)
-        return _Seq(
+        return SequenceState(
             index,
             req,
             sampler,
@@ -685,15 +521,15 @@ class Engine:
     def _longest_reserve(self) -> int:
         return max((r.reserve for r in self._running.values()), default=0)
 
-    def _prefill_step(self, touched: dict[str, _Request]) -> None:
+    def _prefill_step(self, touched: dict[str, RequestState]) -> None:
         budget = self.config.max_prefill_tokens
-        chunks: list[tuple[_Request, int, int]] = []  # (request, start, end) of prompt tokens
+        chunks: list[tuple[RequestState, int, int]] = []  # (request, start, end) of prompt tokens
         for req in self._running.values():  # unfinished prompts first, in arrival order
             if req.prefilling and budget > 0:
                 end = min(len(req.prompt_ids), req.prefilled + budget)
                 chunks.append((req, req.prefilled, end))
                 budget -= end - req.prefilled
-        new: list[_Request] = []
+        new: list[RequestState] = []
         while budget > 0:
             req = self.scheduler.next_admissible(len(self._rows), self._longest_reserve())
             if req is None:
@@ -727,7 +563,7 @@ class Engine:
             [req.prompt_ids[a:b] for req, a, b in chunks],
             [a for _, a, _ in chunks],
         )
-        done: list[tuple[_Request, int]] = []
+        done: list[tuple[RequestState, int]] = []
         for i, (req, a, b) in enumerate(chunks):
             self._stats.prefill_tokens += b - a
             req.prefilled = b
@@ -752,11 +588,12 @@ class Engine:
         now = time.perf_counter()
         for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
             seq.active = True
-            self._accept(seq, tok, lp, now)
+            self._stats.generation_tokens += 1
+            seq.accept(tok, lp, now)
             touched[seq.req.id] = seq.req
         self._free_finished_rows()
 
-    def _decode_step(self, touched: dict[str, _Request]) -> None:
+    def _decode_step(self, touched: dict[str, RequestState]) -> None:
         rows = self._rows
         if not any(s.active for s in rows):
             return
@@ -770,7 +607,8 @@ class Engine:
         now = time.perf_counter()
         for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
             seq.length += 1
-            self._accept(seq, tok, lp, now)
+            self._stats.generation_tokens += 1
+            seq.accept(tok, lp, now)
             touched[seq.req.id] = seq.req
         self._free_finished_rows()
 
@@ -828,7 +666,7 @@ class Engine:
 
     # ---- rows ------------------------------------------------------------------------------------------
 
-    def _row_of(self, seq: _Seq) -> int:
+    def _row_of(self, seq: SequenceState) -> int:
         # Rows are few (≤ max_num_seqs) and this runs per admission/fork, not per token.
         return next(i for i, s in enumerate(self._rows) if s is seq)
 
@@ -858,77 +696,9 @@ class Engine:
 
     # ---- tokens, stops, outputs ---------------------------------------------------------------------
 
-    def _accept(self, seq: _Seq, token: int, lp: TokenLogprob | None, now: float) -> None:
-        req = seq.req
-        m = req.metrics
-        if m.first_token is None:
-            m.first_token = now
-        elif seq.index == 0:
-            m.itl.append(now - m.last_token)
-        if seq.index == 0:
-            m.last_token = now
-        seq.tokens.append(token)
-        seq.last_token = token
-        if seq.logprobs is not None and lp is not None:
-            seq.logprobs.append(lp)
-        self._stats.generation_tokens += 1
-        if token in req.stop_ids:
-            self._finish(seq, "stop", token)
-            return
-        piece = seq.detok.push(token)
-        if piece:
-            before = len(seq.text)
-            seq.text += piece
-            hit = req.stops.find(seq.text, before)
-            if hit is not None:
-                seq.text = seq.text[: hit[0]]
-                seq.finish_reason, seq.stop_reason = "stop", hit[1]
-                return
-        if len(seq.tokens) >= req.max_tokens:
-            self._finish(seq, "length")
-
-    def _finish(self, seq: _Seq, reason: str, stop_reason: str | int | None = None) -> None:
-        if seq.finish_reason is not None:
-            return
-        tail = seq.detok.flush()
-        if tail:
-            before = len(seq.text)
-            seq.text += tail
-            hit = seq.req.stops.find(seq.text, before)
-            if hit is not None:
-                seq.text = seq.text[: hit[0]]
-                reason, stop_reason = "stop", hit[1]
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-
-    def _completion(self, seq: _Seq) -> CompletionOutput:
-        req = seq.req
-        final = seq.finish_reason is not None
-        end = len(seq.text) if final else req.stops.safe_length(seq.text)
-        end = max(end, seq.emitted)
-        delta = seq.text[seq.emitted : end]
-        seq.emitted = end
-        new_tokens = seq.tokens[seq.new_from_tokens :]
-        seq.new_from_tokens = len(seq.tokens)
-        lps = new_lps = None
-        if seq.logprobs is not None:
-            lps = list(seq.logprobs)
-            new_lps = seq.logprobs[seq.new_from_logprobs :]
-            seq.new_from_logprobs = len(seq.logprobs)
-        return CompletionOutput(
-            index=seq.index,
-            text=seq.text[:end],
-            delta=delta,
-            token_ids=list(seq.tokens),
-            delta_token_ids=new_tokens,
-            logprobs=lps,
-            delta_logprobs=new_lps,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-
-    def _emit(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+    def _emit(self, touched: dict[str, RequestState]) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AsyncSink, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[AsyncSink, RequestOutput]]] = {}
         finished: list[RequestOutput] = []
         now = time.perf_counter()
         for req in touched.values():
@@ -945,7 +715,7 @@ class Engine:
             out = RequestOutput(
                 request_id=req.id,
                 prompt_token_ids=req.prompt_ids,
-                outputs=[self._completion(s) for s in req.seqs],
+                outputs=[s.output() for s in req.seqs],
                 finished=done,
                 metrics=req.metrics,
                 error=req.error,
@@ -956,7 +726,7 @@ class Engine:
                 for s in req.seqs:
                     reason = s.finish_reason or "abort"
                     self._stats.requests_finished[reason] = self._stats.requests_finished.get(reason, 0) + 1
-            if isinstance(req.sink, _AsyncSink):
+            if isinstance(req.sink, AsyncSink):
                 by_loop.setdefault(req.sink.loop, []).append((req.sink, out))
             else:
                 req.sink.put(out)
@@ -989,7 +759,7 @@ class Engine:
             raise EngineError(f"request {out.request_id} failed: {out.error}")
         return out
 
-    def _fail_running(self, error: Exception, touched: dict[str, _Request]) -> None:
+    def _fail_running(self, error: Exception, touched: dict[str, RequestState]) -> None:
         msg = f"{type(error).__name__}: {error}"
         for req in list(self._running.values()):
             req.error = msg
@@ -1003,7 +773,7 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._step_lock:
-            touched: dict[str, _Request] = {}
+            touched: dict[str, RequestState] = {}
             self._fail_running(error, touched)
             with self._inbox_lock:
                 waiting = list(self.scheduler.waiting) + self._inbox
