@@ -28,9 +28,10 @@ i.e. the design of TRL's PPOv2:
   of rollouts, gradient clipping, Adam with eps 1e-5; entropy, clip fractions and approximate KL
   reported per step.
 
-`generate_responses` is the one place that samples, so it can later be swapped for ownlm's serving
-engine. The math (`kl_penalty`, `token_rewards`, `gae`, `whiten`, `policy_loss`, `value_loss`,
-`AdaptiveKLController`) is pure tensor code, tested against hand-computed values.
+`generate_responses` is the one place that samples, through ownlm's serving engine (the code path
+of `ownlm serve`, `ownlm chat` and the offline stages). The math (`kl_penalty`, `token_rewards`,
+`gae`, `whiten`, `policy_loss`, `value_loss`, `AdaptiveKLController`) is pure tensor code, tested
+against hand-computed values.
 
 `run_ppo` writes one artifact directory: the policy as a plain HF directory (LoRA merged) with its
 tokenizer and a generation config that stops at the end of the turn, `metrics.jsonl` (one row per
@@ -432,46 +433,33 @@ def _lora(model, cfg: PPOConfig):
 
 def generate_responses(
     model,
+    tokenizer,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
     temperature: float,
     stop_ids: list[int],
-    pad_id: int,
 ) -> list[list[int]]:
     """Sample one response per prompt (token ids, cut after the first stop id, which is kept).
 
     Pure sampling from softmax(logits / T) (no top-k/top-p, no repetition penalty), so the log-probs
-    PPO computes are those of the distribution that sampled. HF `generate` with the KV cache on a
-    left-padded batch; the one function to swap for ownlm's serving engine."""
+    PPO computes are those of the distribution that sampled. Through the serving engine
+    (`ownlm.generation.sample_completions`), all prompts decoding at once; each prompt's seed is
+    drawn from torch's global generator, so the run's seed makes the rollouts reproducible."""
     import torch
-    from transformers import GenerationConfig
 
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    gen = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
-    stops = set(stop_ids)
-    responses = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        responses.append(row if cut is None else row[: cut + 1])
-    return responses
+    from ownlm.generation import sample_completions
+    from ownlm.serve.sampling import SamplingParams
+
+    base = int(torch.randint(0, 2**62, ()).item())
+    params = [
+        SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, seed=base + i, stop_token_ids=list(stop_ids)
+        )
+        for i in range(len(prompts))
+    ]
+    outs = sample_completions(model, tokenizer, prompts, params, max_rows=len(prompts))
+    return [out.outputs[0].token_ids for out in outs]
 
 
 @dataclass
@@ -758,11 +746,11 @@ def _ppo_step(
     n = len(prompts)
     responses = generate_responses(
         policy,
+        tokenizer,
         [p.ids for p in prompts],
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         stop_ids=stops,
-        pad_id=pad_id,
     )
     batch = pack([p.ids for p in prompts], responses, pad_id, device)
     mask = batch.mask

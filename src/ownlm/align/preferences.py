@@ -26,8 +26,7 @@ uses the record's reference answer as chosen (`meta.chosen_source` says which). 
 sample is correct carry no preference and are counted (`all_correct`). The split into train/val is a
 stable hash of the prompt, so a prompt never straddles the two and reruns agree.
 
-Generation is `ownlm.generation.sample_replies`: plain batched `model.generate`, so the serving
-engine can replace it later without touching the judge.
+Generation is `ownlm.generation.sample_replies`, which runs the serving engine on the policy.
 """
 
 from __future__ import annotations

@@ -36,8 +36,7 @@ by reason (generated = kept + drops, always).
 
 ROUGE-L is rouge_score's (lowercased alphanumeric tokens, no stemmer, F1 of the longest common
 subsequence), with the LCS computed by rapidfuzz: the same numbers, tens of times faster.
-Generation is `generate_turns` (`ownlm.generation.sample_turns`, plain batched `model.generate`),
-so a serving engine can replace it later.
+Generation is `generate_turns` (`ownlm.generation.sample_turns`, which runs the serving engine).
 """
 
 from __future__ import annotations
