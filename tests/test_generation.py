@@ -132,3 +132,27 @@ def test_a_prompt_that_fills_the_context_is_an_error(model, tokenizer):
     long = " ".join(["difflib"] * 400)
     with pytest.raises(OwnlmError, match="leaves no room"):
         sample_replies(model, tokenizer, [long], max_new_tokens=4)
+
+
+def test_evaluate_instruct_scores_the_models_own_greedy_replies(model, tokenizer):
+    """Held-out evaluation runs batched through the engine; its exact_match and format_ok agree with
+    a one-prompt-at-a-time HF greedy loop: records whose answer is the model's own greedy reply pass,
+    the others fail, and format_ok counts replies that ended with an end-of-turn token."""
+    from ownlm.chat import stop_ids
+    from ownlm.evaluate.instruct_eval import evaluate_instruct
+    from ownlm.generation import _as_messages
+
+    stops = stop_ids(tokenizer)
+    records, expected_ended = [], 0
+    for i, (conv, ids) in enumerate(zip(CONVERSATIONS, rendered(tokenizer), strict=True)):
+        row = hf_greedy(model, ids, 12, stops)
+        ended = bool(row) and row[-1] in stops
+        expected_ended += ended
+        text = tokenizer.decode(row[:-1] if ended else row, skip_special_tokens=True).strip()
+        answer = text if i % 2 == 0 else text + " (not what it said)"
+        messages = [*_as_messages(conv), {"role": "assistant", "content": answer}]
+        records.append({"messages": messages, "meta": {"verifiable": True, "answer": answer}})
+    scores = evaluate_instruct(model, tokenizer, records, [], max_new_tokens=12)
+    assert scores["n"] == len(CONVERSATIONS) and scores["tool_call_ok"] is None
+    assert scores["exact_match"] == 0.5
+    assert scores["format_ok"] <= expected_ended / len(CONVERSATIONS)

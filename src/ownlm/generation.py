@@ -97,10 +97,14 @@ def sample_turns(
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 16,
+    tools: list | None = None,
+    keep_special: bool = False,
 ) -> list[list[Reply]]:
     """`n` replies per prompt (one greedy reply when `temperature` is 0), stopped at end of turn.
 
     `top_k` None: the model's generation config's (as `model.generate` would apply it), else 0 (off).
+    `tools` are offered to every prompt through the chat template. `keep_special` keeps special
+    tokens in the text (evaluation looks for leaked role markers) and does not strip whitespace.
     At most `batch_size` sequences decode at once. The one generation function of `align/`. A prompt
     that leaves no room for a reply in the model's context is an error (callers filter by length).
     """
@@ -111,7 +115,7 @@ def sample_turns(
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None) or 0
     greedy = temperature <= 0
     stops = stop_ids(tokenizer)
-    ids = render_prompts(tokenizer, [_as_messages(p) for p in prompts])
+    ids = render_prompts(tokenizer, [_as_messages(p) for p in prompts], tools)
     params = []
     for i, x in enumerate(ids):
         key = hashlib.sha256(f"{seed}\0{i}\0{x}".encode()).digest()
@@ -133,7 +137,8 @@ def sample_turns(
         for c in out.outputs:
             ended = c.finish_reason == "stop"  # only stop ids here: no stop strings
             body = c.token_ids[:-1] if ended else c.token_ids
-            turns.append(Reply(tokenizer.decode(body, skip_special_tokens=True).strip(), ended))
+            text = tokenizer.decode(body, skip_special_tokens=not keep_special)
+            turns.append(Reply(text if keep_special else text.strip(), ended))
         replies.append(turns)
     return replies
 

@@ -27,29 +27,16 @@ ROLE_MARKERS = (
 )
 
 
-def _generate(
-    model, tokenizer, messages: list[dict], tools: list | None, max_new_tokens: int
-) -> tuple[str, bool]:
-    """Greedy reply text (special tokens kept) and whether it ended with an end-of-turn token."""
-    import torch
+def _greedy_turns(model, tokenizer, convs: list[list[dict]], tools: list | None, max_new_tokens: int):
+    """Greedy replies (special tokens kept) through the batched engine path of `ownlm.generation`."""
+    from ownlm.generation import sample_turns
 
-    from ownlm.chat import stop_ids
-
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    stops = stop_ids(tokenizer)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id or stops[0],
-        )
-    new = out[0, ids.shape[1] :].tolist()
-    ended = bool(new) and new[-1] in stops
-    return tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False), ended
+    if not convs:
+        return []
+    turns = sample_turns(
+        model, tokenizer, convs, temperature=0, max_new_tokens=max_new_tokens, tools=tools, keep_special=True
+    )
+    return [t[0] for t in turns]
 
 
 def load_test_records(instruct_dir: Path, limit: int | None = None) -> tuple[list[dict], list[dict]]:
@@ -68,24 +55,26 @@ def evaluate_instruct(
     from ownlm.instruct.tasks import check, tool_call_ok, tool_call_wellformed
     from ownlm.tools import parse_tool_calls
 
-    model.eval()
     exact = fmt = 0
-    for rec in tasks:
-        prompt = [m for m in rec["messages"][:-1]]
-        reply, ended = _generate(model, tokenizer, prompt, None, max_new_tokens)
+    replies = _greedy_turns(model, tokenizer, [r["messages"][:-1] for r in tasks], None, max_new_tokens)
+    for rec, reply in zip(tasks, replies, strict=True):
         clean = tokenizer.decode(
-            tokenizer(reply, add_special_tokens=False)["input_ids"], skip_special_tokens=True
+            tokenizer(reply.text, add_special_tokens=False)["input_ids"], skip_special_tokens=True
         )
         exact += check(rec["meta"], clean.strip())
-        fmt += ended and not any(m in reply for m in ROLE_MARKERS)
+        fmt += reply.finished and not any(m in reply.text for m in ROLE_MARKERS)
     calls = formed = 0
+    by_tools: dict[str, list[dict]] = {}  # one batch per distinct tool list (the template renders it)
     for rec in tool_records:
-        user = [m for m in rec["messages"] if m["role"] in ("system", "user")][:1]
-        reply, _ = _generate(model, tokenizer, user, rec["tools"], max_new_tokens)
-        content, parsed = parse_tool_calls(reply)
-        message = {"role": "assistant", "content": content, "tool_calls": parsed}
-        calls += tool_call_ok(message, rec["meta"]["answer"])
-        formed += tool_call_wellformed(message)
+        by_tools.setdefault(json.dumps(rec["tools"], sort_keys=True), []).append(rec)
+    for group in by_tools.values():
+        users = [[m for m in rec["messages"] if m["role"] in ("system", "user")][:1] for rec in group]
+        replies = _greedy_turns(model, tokenizer, users, group[0]["tools"], max_new_tokens)
+        for rec, reply in zip(group, replies, strict=True):
+            content, parsed = parse_tool_calls(reply.text)
+            message = {"role": "assistant", "content": content, "tool_calls": parsed}
+            calls += tool_call_ok(message, rec["meta"]["answer"])
+            formed += tool_call_wellformed(message)
     n, m = len(tasks), len(tool_records)
     return {
         "exact_match": exact / n if n else None,
