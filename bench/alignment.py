@@ -59,6 +59,7 @@ def bench_tiny(recipe, ppo_steps: int, limit: int) -> dict:
     rm_dir = run_align(recipe, method="rm")
     m = json.loads((rm_dir / "manifest.json").read_text(encoding="utf-8"))["metrics"]
     systems["rm"] = {"pair_accuracy": m["val_accuracy"], "pair_accuracy_before": m["val_accuracy_before"],
+                     "pairs": m["pairs"], "by_task": m.get("val_accuracy_by_task"),
                      "train_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
     sft = recipe.run_dir / "sft"

@@ -121,6 +121,11 @@ def test_reward_model_learns_held_out_preferences_and_saves_a_plain_hf_dir(rm_di
     assert model.config.pad_token_id == tok.pad_token_id is not None
     val, _ = read_pairs(pairs_dir / "val.jsonl")
     assert pairwise_accuracy(model, tok, val)["accuracy"] == pytest.approx(m["val_accuracy"])
+    tagged = [p | {"meta": {"task": f"{'ab'[i % 2]}.kind{i % 3}"}} for i, p in enumerate(val)]
+    acc = pairwise_accuracy(model, tok, tagged)
+    assert set(acc["by_task"]) == {"a", "b"} and sum(v["pairs"] for v in acc["by_task"].values()) == len(val)
+    weighted = sum(v["accuracy"] * v["pairs"] for v in acc["by_task"].values()) / len(val)
+    assert weighted == pytest.approx(acc["accuracy"])
 
     prompt, reply = "Tell me about rivers.", "The river is {} and long."
     raw = score(rm_dir, None, [prompt] * 2, [reply.format("nice"), reply.format("stupid")])

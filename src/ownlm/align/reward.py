@@ -210,15 +210,22 @@ def _stats_of(rm) -> dict:
 
 
 def pairwise_accuracy(rm, tokenizer, pairs: Sequence[Pair], batch_size: int = 16) -> dict[str, float]:
-    """Share of pairs whose chosen reply gets the higher reward (ties count half), and the mean gap."""
+    """Share of pairs whose chosen reply gets the higher reward (ties count half), the mean gap, and
+    the accuracy per `meta.task` family (the part before the first dot) when pairs carry one."""
     if not pairs:
         return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
     prompts = [p["prompt"] for p in pairs]
     rc = score(rm, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size=batch_size)
     rr = score(rm, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size=batch_size)
-    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(rc, rr, strict=True))
+    win = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(rc, rr, strict=True)]
     gap = sum(c - r for c, r in zip(rc, rr, strict=True)) / len(pairs)
-    return {"accuracy": wins / len(pairs), "margin": gap, "pairs": len(pairs)}
+    families: dict[str, list[float]] = {}
+    for p, w in zip(pairs, win, strict=True):
+        task = (p.get("meta") or {}).get("task")
+        if task:
+            families.setdefault(str(task).split(".")[0], []).append(w)
+    by_task = {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(families.items())}
+    return {"accuracy": sum(win) / len(pairs), "margin": gap, "pairs": len(pairs), "by_task": by_task}
 
 
 # --------------------------------------------------------------- shared training plumbing (also DPO)
@@ -484,6 +491,7 @@ def run_reward(
         w.metrics["val_accuracy"] = held_out["accuracy"] if held_out else None
         w.metrics["val_accuracy_before"] = before["accuracy"] if before else None
         w.metrics["val_margin"] = held_out["margin"] if held_out else None
+        w.metrics["val_accuracy_by_task"] = held_out["by_task"] if held_out else None
         w.metrics["train_accuracy"] = train_acc["accuracy"]
         w.metrics["reward_stats"] = stats
         w.metrics["pairs"] = {"train": len(train), "val": len(val)}
