@@ -44,11 +44,18 @@ def render_prompts(
 
 
 def sample_completions(
-    model, tokenizer, prompts: Sequence[list[int]], params: Sequence[SamplingParams], *, max_rows: int
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    params: Sequence[SamplingParams],
+    *,
+    max_rows: int,
+    desc: str | None = None,
 ) -> list[RequestOutput]:
     """One final engine output per prompt (token ids; `params[i]` for prompt i), at most `max_rows`
     sequences decoding at once. `max_tokens` is capped by what the model's context leaves; a prompt
-    that leaves nothing is an error. The model is in eval mode while sampling, then back in its mode."""
+    that leaves nothing is an error. The model is in eval mode while sampling, then back in its mode.
+    `desc` names a progress bar over finished prompts (CAI and pair sampling take minutes)."""
     from ownlm.serve.engine import Engine, EngineConfig
 
     if not prompts:
@@ -74,7 +81,14 @@ def sample_completions(
                     f"a {len(x)}-token prompt leaves no room in the model's {context}-token context"
                 )
             capped.append(dataclasses.replace(p, max_tokens=min(p.max_tokens, context - len(x))))
-        return engine.generate([list(x) for x in prompts], capped)
+        if desc is None or len(prompts) < 2:
+            return engine.generate([list(x) for x in prompts], capped)
+        from ownlm.progress import bar
+
+        with bar(desc, len(prompts)) as progress:
+            task = progress.tasks[0].id
+            engine.add_listener(on_finish=lambda _out: progress.advance(task))
+            return engine.generate([list(x) for x in prompts], capped)
     finally:
         model.train(was_training)
 
@@ -99,12 +113,14 @@ def sample_turns(
     batch_size: int = 16,
     tools: list | None = None,
     keep_special: bool = False,
+    desc: str | None = "generate",
 ) -> list[list[Reply]]:
     """`n` replies per prompt (one greedy reply when `temperature` is 0), stopped at end of turn.
 
     `top_k` None: the model's generation config's (as `model.generate` would apply it), else 0 (off).
     `tools` are offered to every prompt through the chat template. `keep_special` keeps special
     tokens in the text (evaluation looks for leaked role markers) and does not strip whitespace.
+    `desc` names the progress bar (None: no bar).
     At most `batch_size` sequences decode at once. The one generation function of `align/`. A prompt
     that leaves no room for a reply in the model's context is an error (callers filter by length).
     """
@@ -130,7 +146,7 @@ def sample_turns(
                 n=1 if greedy else n,
             )
         )
-    outs = sample_completions(model, tokenizer, ids, params, max_rows=batch_size)
+    outs = sample_completions(model, tokenizer, ids, params, max_rows=batch_size, desc=desc)
     replies = []
     for out in outs:
         turns = []
