@@ -3,12 +3,15 @@ import random
 import pytest
 
 from ownlm.align.cai import (
+    CritiqueExample,
     Principle,
     ai_preference_labels,
     benign_risky_prompts,
     critique_and_revise,
+    few_shot_turns,
     is_refusal,
     load_constitution,
+    load_examples,
     red_team_prompts,
     refusal_rate,
     sl_cai_records,
@@ -49,6 +52,34 @@ def test_duplicate_principle_names_are_refused(tmp_path):
     path.write_text("principles:\n" + entry + entry, encoding="utf-8")
     with pytest.raises(OwnlmError, match="unique"):
         load_constitution(path)
+
+
+def test_default_examples_are_valid_and_not_in_the_held_out_sets():
+    examples = load_examples()
+    assert len(examples) >= 3 and {"over_refusal"} <= {x.principle for x in examples}
+    held_out = set(benign_risky_prompts()) | {x["prompt"] for x in red_team_prompts()}
+    assert not {x.prompt for x in examples} & held_out
+    turns = few_shot_turns(examples, load_constitution())
+    assert len(turns) == 6 * len(examples) and turns[0] == {"role": "user", "content": examples[0].prompt}
+    assert [t["role"] for t in turns[:6]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert turns[2]["content"].startswith("Critique request: ")
+    assert turns[5]["content"] == examples[0].revision
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        ("{prompt: p, reply: r, principle: nope, critique: c, revision: v}", "example 1: field 'principle'"),
+        ("{prompt: p, reply: r, principle: a, critique: c}", "example 1: field 'revision'"),
+    ],
+)
+def test_bad_example_names_file_example_and_field(tmp_path, example, message):
+    path = tmp_path / "c.yaml"
+    text = "principles:\n  - {name: a, critique: c, revision: r, choice: q}\nexamples:\n  - " + example + "\n"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(OwnlmError, match=message) as err:
+        load_examples(path)
+    assert str(path) in str(err.value)
 
 
 def test_prompt_sets_and_their_split_are_stable():
@@ -103,6 +134,14 @@ def test_critique_and_revise_threads_each_round_through_the_model():
     assert calls[3][0][1]["content"] == "out3-0" and calls[3][1][1]["content"] == "out1-1"
     assert [h["final"] for h in history] == ["out5-0", "out5-1"]
     assert history[0]["initial"] == "out1-0" and [r["principle"] for r in history[0]["rounds"]] == ["p", "p"]
+    # Worked examples come first in every critique and revision request, never in the first answer.
+    example = [CritiqueExample(prompt="ex", reply="bad", principle="p", critique="crit", revision="better")]
+    calls.clear()
+    critique_and_revise(scripted, ["q0"], principles, rounds=1, rng=random.Random(0), examples=example)
+    shots = few_shot_turns(example, principles)
+    assert calls[0][0] == [{"role": "user", "content": "q0"}]
+    assert calls[1][0][: len(shots)] == shots and calls[1][0][len(shots)]["content"] == "q0"
+    assert calls[2][0][: len(shots)] == shots
     recs = sl_cai_records(history, "harmful")
     assert recs[0]["messages"] == [
         {"role": "user", "content": "q0"},

@@ -51,30 +51,65 @@ class Principle(StrictModel):
     choice: str = Field(min_length=1)
 
 
-def load_constitution(path: str | Path | None = None) -> list[Principle]:
-    """The principles of a constitution file; a missing or empty field names the file and principle."""
-    p = Path(path) if path else DEFAULT_CONSTITUTION
+class CritiqueExample(StrictModel):
+    """A worked demonstration: a reply, its critique under `principle` and the revision."""
+
+    prompt: str = Field(min_length=1)
+    reply: str = Field(min_length=1)
+    principle: str = Field(min_length=1)
+    critique: str = Field(min_length=1)
+    revision: str = Field(min_length=1)
+
+
+def _read_constitution(p: Path) -> dict:
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise OwnlmError(f"{p}: cannot read the constitution: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise OwnlmError(f"{p}: not valid YAML: {e}".replace("\n", " ")) from None
-    items = raw.get("principles") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise OwnlmError(f"{p}: a constitution is a mapping with a non-empty 'principles' list")
+    return raw
+
+
+def _validated(p: Path, model: type[StrictModel], item: Any, label: str):
+    try:
+        return model.model_validate(item)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(whole entry)"
+        raise OwnlmError(f"{p}: {label}: field '{field}': {err['msg']}") from None
+
+
+def load_constitution(path: str | Path | None = None) -> list[Principle]:
+    """The principles of a constitution file; a missing or empty field names the file and principle."""
+    p = Path(path) if path else DEFAULT_CONSTITUTION
+    items = _read_constitution(p).get("principles")
     if not isinstance(items, list) or not items:
         raise OwnlmError(f"{p}: a constitution is a mapping with a non-empty 'principles' list")
     out = []
     for i, item in enumerate(items, 1):
         label = f"principle {i}" + (f" ({item.get('name')!r})" if isinstance(item, dict) else "")
-        try:
-            out.append(Principle.model_validate(item))
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "(whole entry)"
-            raise OwnlmError(f"{p}: {label}: field '{field}': {err['msg']}") from None
+        out.append(_validated(p, Principle, item, label))
     names = [x.name for x in out]
     if len(set(names)) != len(names):
         raise OwnlmError(f"{p}: principle names must be unique, got {names}")
+    return out
+
+
+def load_examples(path: str | Path | None = None) -> list[CritiqueExample]:
+    """The constitution's few-shot critique/revision examples (none when it has no `examples`);
+    each must name one of its principles."""
+    p = Path(path) if path else DEFAULT_CONSTITUTION
+    items = _read_constitution(p).get("examples") or []
+    if not isinstance(items, list):
+        raise OwnlmError(f"{p}: 'examples' must be a list of worked critique/revision examples")
+    names = {x.name for x in load_constitution(p)}
+    out = [_validated(p, CritiqueExample, item, f"example {i}") for i, item in enumerate(items, 1)]
+    for i, ex in enumerate(out, 1):
+        if ex.principle not in names:
+            raise OwnlmError(f"{p}: example {i}: field 'principle': unknown principle {ex.principle!r}")
     return out
 
 
@@ -155,16 +190,44 @@ def refusal_rate(replies: Sequence[str]) -> float:
 _REWRITE_ONLY = "Reply with the rewritten response only."
 
 
+def _critique_turns(prompt: str, reply: str, principle: Principle) -> Conversation:
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "Critique request: " + principle.critique},
+    ]
+
+
+def _revision_turn(principle: Principle) -> dict:
+    return {"role": "user", "content": f"Revision request: {principle.revision} {_REWRITE_ONLY}"}
+
+
+def few_shot_turns(examples: Sequence[CritiqueExample], constitution: Sequence[Principle]) -> Conversation:
+    """The worked examples as earlier turns of the chat: prompt, reply, critique request, critique,
+    revision request, revision — the same requests the model then answers for its own reply."""
+    by_name = {p.name: p for p in constitution}
+    turns: Conversation = []
+    for ex in examples:
+        pr = by_name[ex.principle]
+        turns += _critique_turns(ex.prompt, ex.reply, pr)
+        turns += [{"role": "assistant", "content": ex.critique}, _revision_turn(pr)]
+        turns.append({"role": "assistant", "content": ex.revision})
+    return turns
+
+
 def critique_and_revise(
     generate: GenerateFn,
     prompts: Sequence[str],
     constitution: Sequence[Principle],
     rounds: int,
     rng: random.Random,
+    examples: Sequence[CritiqueExample] = (),
 ) -> list[dict[str, Any]]:
     """Answer each prompt, then `rounds` times critique and revise the latest reply under a
-    randomly drawn principle. All prompts move through a round together (one batched call per
-    step). Returns per prompt the initial reply, each round's principle/critique/revision."""
+    randomly drawn principle, the `examples` shown first as earlier turns (few-shot). All prompts
+    move through a round together (one batched call per step). Returns per prompt the initial
+    reply, each round's principle/critique/revision."""
+    shots = few_shot_turns(examples, constitution)
     convs: list[Conversation] = [[{"role": "user", "content": p}] for p in prompts]
     replies = generate(convs)
     history: list[dict[str, Any]] = [
@@ -173,17 +236,12 @@ def critique_and_revise(
     current = list(replies)
     for _ in range(rounds):
         drawn = [rng.choice(constitution) for _ in prompts]
-        asks = [
-            [{"role": "user", "content": p}, {"role": "assistant", "content": r},
-             {"role": "user", "content": "Critique request: " + pr.critique}]
-            for p, r, pr in zip(prompts, current, drawn, strict=True)
-        ]  # fmt: skip
+        asks = [shots + _critique_turns(p, r, pr) for p, r, pr in zip(prompts, current, drawn, strict=True)]
         critiques = generate(asks)
         revise = [
-            [*ask, {"role": "assistant", "content": c},
-             {"role": "user", "content": f"Revision request: {pr.revision} {_REWRITE_ONLY}"}]
+            [*ask, {"role": "assistant", "content": c}, _revision_turn(pr)]
             for ask, c, pr in zip(asks, critiques, drawn, strict=True)
-        ]  # fmt: skip
+        ]
         revisions = generate(revise)
         for h, pr, c, r in zip(history, drawn, critiques, revisions, strict=True):
             h["rounds"].append({"principle": pr.name, "critique": c, "revision": r})
@@ -305,6 +363,7 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
 
     c = cfg.cai
     constitution = load_constitution(c.constitution)
+    examples = load_examples(c.constitution)
     rng = random.Random(recipe.seed)
     harmful = split([x["prompt"] for x in red_team_prompts()], c.test_fraction)
     benign = split(benign_risky_prompts(), c.test_fraction)
@@ -314,9 +373,12 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     config = {
         "cai": c.model_dump(),
         "principles": [p.model_dump() for p in constitution],
+        "examples": [x.model_dump() for x in examples],
         "seed": recipe.seed,
     }
-    data_dir = _sl_data(policy, harm_train, helpful, constitution, c, config, root / "sl_data", rng, force)
+    data_dir = _sl_data(
+        policy, harm_train, helpful, constitution, examples, c, config, root / "sl_data", rng, force
+    )
 
     sft_cfg = SFTConfig(
         base_model=str(policy), method="lora", max_steps=c.sft_steps, lr=c.sft_lr, batch_size=8,
@@ -334,7 +396,9 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     return run_dpo(sl, pairs_dir, seeded(cfg.dpo, recipe.seed), out, force=force)
 
 
-def _sl_data(policy, harmful, helpful, constitution, c, config, out: Path, rng, force: bool) -> Path:
+def _sl_data(
+    policy, harmful, helpful, constitution, examples, c, config, out: Path, rng, force: bool
+) -> Path:
     """SL-CAI's SFT data: final revisions of red-team answers, plus plain answers to helpful prompts."""
     import functools
 
@@ -349,7 +413,7 @@ def _sl_data(policy, harmful, helpful, constitution, c, config, out: Path, rng, 
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=config["seed"])
     generate = functools.partial(generate_replies, model, tok, **kw)
     with stage_dir(out, "cai-sl-data", config, inputs) as w:
-        history = critique_and_revise(generate, harmful, constitution, c.rounds, rng)
+        history = critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples)
         answers = generate(_user(helpful))
         plain = [
             {"prompt": p, "initial": a, "rounds": [], "final": a}
