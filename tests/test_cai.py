@@ -82,6 +82,18 @@ def test_bad_example_names_file_example_and_field(tmp_path, example, message):
     assert str(path) in str(err.value)
 
 
+def test_revisions_that_copy_a_worked_example_are_recognised():
+    from ownlm.align.cai import copies_an_example
+
+    examples = load_examples()
+    assert copies_an_example(examples[1].revision, examples)
+    assert copies_an_example("Sure. " + examples[2].revision + " Hope that helps!", examples)
+    assert copies_an_example(examples[0].critique.replace("burglary", "a crime"), examples)
+    assert not copies_an_example("No.", examples)  # short replies match a stretch of anything
+    own = "I can't help you hurt someone. Please talk to a counsellor instead."
+    assert not copies_an_example(own, examples)
+
+
 def test_prompt_sets_and_their_split_are_stable():
     harmful = [x["prompt"] for x in red_team_prompts()]
     assert len(harmful) > 900 and len(set(harmful)) == len(harmful)

@@ -252,6 +252,19 @@ def critique_and_revise(
     return history
 
 
+def copies_an_example(text: str, examples: Sequence[CritiqueExample], threshold: float = 80.0) -> bool:
+    """Whether a revision repeats one of the worked examples (a stretch of it, fuzzy partial match
+    ≥ `threshold` of 100) instead of revising its own reply. A small model does this often (SmolLM2-135M:
+    49 of 128 revisions), and such a record would teach it to answer anything with the example's text,
+    so SL-CAI drops it and counts it."""
+    from rapidfuzz import fuzz
+
+    if len(text.strip()) < 20:  # a short reply ("No.") matches a stretch of anything
+        return False
+    texts = [t for ex in examples for t in (ex.reply, ex.critique, ex.revision)]
+    return any(fuzz.partial_ratio(text, t) >= threshold for t in texts)
+
+
 def sl_cai_records(history: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     """Chat records (prompt → final revision) for SFT, with the critique trail in meta."""
     out = []
@@ -374,6 +387,7 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
         "cai": c.model_dump(),
         "principles": [p.model_dump() for p in constitution],
         "examples": [x.model_dump() for x in examples],
+        "sl_filter": "drop revisions that copy a worked example (partial ratio >= 80)",
         "seed": recipe.seed,
     }
     data_dir = _sl_data(
@@ -419,7 +433,9 @@ def _sl_data(
             {"prompt": p, "initial": a, "rounds": [], "final": a}
             for p, a in zip(helpful, answers, strict=True)
         ]
-        records = sl_cai_records([h for h in history if h["final"].strip()], "harmful")
+        copied = [h for h in history if copies_an_example(h["final"], examples)]
+        kept = [h for h in history if h["final"].strip() and h not in copied]
+        records = sl_cai_records(kept, "harmful")
         records += sl_cai_records([h for h in plain if h["final"].strip()], "helpful")
         rng.shuffle(records)
         n_val = max(1, len(records) // 20)
@@ -430,6 +446,8 @@ def _sl_data(
             "harmful": len(harmful), "helpful": len(helpful), "records": len(records),
             "refusal_rate_initial": refusal_rate([h["initial"] for h in history]),
             "refusal_rate_revised": refusal_rate([h["final"] for h in history]),
+            "copied_an_example": len(copied),
+            "refusal_rate_kept": refusal_rate([h["final"] for h in kept]),
             "helpful_refusal_rate": refusal_rate(answers),
         }  # fmt: skip
     return out
