@@ -22,10 +22,14 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 
 from ownlm.config import load_recipe
 from ownlm.perf import emit_bench, machine_info
 from ownlm.runner import run_recipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY_SYSTEMS = ("rm", "ppo-kl-low", "ppo-kl-high", "dpo")
 
 
 def _held_out_prompts(recipe, limit: int) -> list[dict]:
@@ -123,28 +127,46 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100, help="held-out prompts per set, at most")
     ap.add_argument("--skip-cai", action="store_true", help="do not build/measure the SmolLM2 CAI path")
+    ap.add_argument(
+        "--skip-tiny",
+        action="store_true",
+        help="measure only the CAI path; with --save the tiny systems are kept from the saved file "
+        "and the result says so (for running the two parts at different times)",
+    )
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
 
-    tiny = load_recipe("tiny", {"runs_dir": args.runs_dir})
-    if not (tiny.run_dir / "sft" / "manifest.json").is_file():
-        run_recipe(tiny)
-    systems = bench_tiny(tiny, args.ppo_steps, args.limit)
+    systems: dict = {}
+    notes = []
+    plot_dir = None
+    if args.skip_tiny:
+        saved = RESULTS / "alignment.json"
+        earlier = json.loads(saved.read_text(encoding="utf-8"))["systems"] if saved.is_file() else {}
+        systems |= {k: earlier.get(k) for k in TINY_SYSTEMS}
+        notes.append(f"tiny systems kept from the earlier run saved in {saved.name} (--skip-tiny)")
+    else:
+        tiny = load_recipe("tiny", {"runs_dir": args.runs_dir})
+        if not (tiny.run_dir / "sft" / "manifest.json").is_file():
+            run_recipe(tiny)
+        systems |= bench_tiny(tiny, args.ppo_steps, args.limit)
+        plot_dir = tiny.run_dir
     if args.skip_cai:
-        reason = "skipped (--skip-cai)"
+        notes.append("smol: skipped (--skip-cai)")
         systems |= {"smol-sft": None, "smol-cai": None}
     else:
         smol = load_recipe("smol", {"runs_dir": args.runs_dir})
         run_recipe(smol)
         systems |= bench_cai(smol, args.limit)
-        reason = None
-    low, high = systems["ppo-kl-low"], systems["ppo-kl-high"]
-    checks = {
-        "rm_pair_accuracy>=0.9": systems["rm"]["pair_accuracy"] >= 0.9,
-        "ppo_reward_rises_both": all(s["reward_after"] > s["reward_before"] for s in (low, high)),
-        "ppo_high_kl_coef_lower_kl": high["kl"] < low["kl"],
-        "dpo_win_rate>=0.6": systems["dpo"]["win_rate_vs_sft"] >= 0.6,
-    }
+        plot_dir = smol.run_dir
+    checks = {}
+    if all(systems.get(k) for k in TINY_SYSTEMS):
+        low, high = systems["ppo-kl-low"], systems["ppo-kl-high"]
+        checks = {
+            "rm_pair_accuracy>=0.9": systems["rm"]["pair_accuracy"] >= 0.9,
+            "ppo_reward_rises_both": all(s["reward_after"] > s["reward_before"] for s in (low, high)),
+            "ppo_high_kl_coef_lower_kl": high["kl"] < low["kl"],
+            "dpo_win_rate>=0.6": systems["dpo"]["win_rate_vs_sft"] >= 0.6,
+        }
     if systems["smol-cai"]:
         before, after = systems["smol-sft"], systems["smol-cai"]
         checks["cai_refusal_rises"] = after["harmful_refusal_rate"] > before["harmful_refusal_rate"]
@@ -162,19 +184,23 @@ def main() -> None:
         "runs": 1,
         "notes": "tiny path: held-out verifiable tasks of runs/tiny/instruct/test.jsonl, greedy replies, "
         "rewards normalised by the RM's stats; smol path: greedy, refusal by phrase match"
-        + (f"; smol: {reason}" if reason else ""),
+        + "".join(f"; {n}" for n in notes),
     }
     emit_bench(result, args.save)
-    _plot(systems, tiny.run_dir / "alignment.png")
+    if plot_dir:
+        _plot(systems, plot_dir / "alignment.png")
 
 
 def _plot(systems: dict, out) -> None:
     """Win-rate and refusal bars next to the run (PPO's reward-vs-KL curves are in its artifacts)."""
     from ownlm.plots import bar_panels
 
-    panels = [("DPO vs SFT (RM-judged)", {"win rate": systems["dpo"]["win_rate_vs_sft"]})]
-    panels.append(("RM held-out pair accuracy", {"before": systems["rm"]["pair_accuracy_before"] or 0.0,
-                                                  "after": systems["rm"]["pair_accuracy"]}))  # fmt: skip
+    panels = []
+    if systems.get("dpo"):
+        panels.append(("DPO vs SFT (RM-judged)", {"win rate": systems["dpo"]["win_rate_vs_sft"]}))
+    if systems.get("rm"):
+        panels.append(("RM held-out pair accuracy", {"before": systems["rm"]["pair_accuracy_before"] or 0.0,
+                                                      "after": systems["rm"]["pair_accuracy"]}))  # fmt: skip
     if systems.get("smol-cai"):
         for key, name in (
             ("harmful_refusal_rate", "refusal, harmful"),
