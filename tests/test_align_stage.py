@@ -132,6 +132,7 @@ def test_cai_mechanics_on_a_tiny_model(recipe):
     root = recipe.run_dir / "cai"
     sl = _manifest(root / "sl_data")["metrics"]
     assert sl["harmful"] == 3 and sl["helpful"] == 2
+    assert 0 <= sl["examples_shown"] < 3  # the tiny model's 1,024-token context holds fewer worked examples
     critiques = [json.loads(x) for x in (root / "sl_data" / "critiques.jsonl").read_text().splitlines()]
     assert len(critiques) == 3 and all(len(c["rounds"]) == 1 for c in critiques)
     assert {c["rounds"][0]["principle"] for c in critiques} <= {
@@ -141,6 +142,11 @@ def test_cai_mechanics_on_a_tiny_model(recipe):
     pairs = _manifest(root / "pairs")["metrics"]
     assert pairs["prompts"] == 4 and pairs["kept"] <= pairs["pairs"] <= 4
     assert out == recipe.run_dir / "align"
+    # A rerun resumes: every step is up to date, none is redone (their manifests stay as written).
+    steps = [root / "sl_data", root / "sl", root / "pairs", out]
+    before = [(d / "manifest.json").read_bytes() for d in steps]
+    assert run_cai(recipe, recipe.align, _policy(recipe)) == out
+    assert [(d / "manifest.json").read_bytes() for d in steps] == before
 
 
 def _policy(recipe):

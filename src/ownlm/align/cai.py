@@ -215,6 +215,18 @@ def few_shot_turns(examples: Sequence[CritiqueExample], constitution: Sequence[P
     return turns
 
 
+def examples_that_fit(
+    tokenizer, examples: Sequence[CritiqueExample], constitution: Sequence[Principle], budget: int
+) -> list[CritiqueExample]:
+    """The longest prefix of `examples` whose turns take at most `budget` tokens: a model with a
+    short context (the tiny one: 1,024) critiques with fewer examples, or none, rather than failing."""
+    for k in range(len(examples), 0, -1):
+        text = tokenizer.apply_chat_template(few_shot_turns(examples[:k], constitution), tokenize=False)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= budget:
+            return list(examples[:k])
+    return []
+
+
 def critique_and_revise(
     generate: GenerateFn,
     prompts: Sequence[str],
@@ -391,8 +403,9 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
         "seed": recipe.seed,
     }
     data_dir = _sl_data(
-        policy, harm_train, helpful, constitution, examples, c, config, root / "sl_data", rng, force
-    )
+        policy, harm_train, helpful, constitution, examples, c, config, root / "sl_data",
+        random.Random(f"{recipe.seed}-sl-data"), force,
+    )  # fmt: skip
 
     sft_cfg = SFTConfig(
         base_model=str(policy), method="lora", max_steps=c.sft_steps, lr=c.sft_lr, batch_size=8,
@@ -404,6 +417,9 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     out = recipe.run_dir / "align"
     if not c.rl:
         return _copy_model(sl, out, force)
+    # Each step draws from its own seeded generator: a step skipped as up to date must not shift the
+    # draws of the next (RL prompts once changed on a rerun and the whole RL-CAI step ran again).
+    rng = random.Random(f"{recipe.seed}-rl")
     prompts = rng.sample(harmful["train"], min(len(harmful["train"]), c.rl_prompts // 2))
     prompts += helpful[: c.rl_prompts - len(prompts)]
     pairs_dir = _rl_pairs(sl, prompts, constitution, c, config, root / "pairs", rng, force)
@@ -426,6 +442,8 @@ def _sl_data(
     model, tok = load_model(policy), load_tokenizer_for(policy)
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=config["seed"])
     generate = functools.partial(generate_replies, model, tok, **kw)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    examples = examples_that_fit(tok, examples, constitution, context // 2)
     with stage_dir(out, "cai-sl-data", config, inputs) as w:
         history = critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples)
         answers = generate(_user(helpful))
@@ -447,6 +465,7 @@ def _sl_data(
             "refusal_rate_initial": refusal_rate([h["initial"] for h in history]),
             "refusal_rate_revised": refusal_rate([h["final"] for h in history]),
             "copied_an_example": len(copied),
+            "examples_shown": len(examples),
             "refusal_rate_kept": refusal_rate([h["final"] for h in kept]),
             "helpful_refusal_rate": refusal_rate(answers),
         }  # fmt: skip
