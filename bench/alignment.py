@@ -10,7 +10,8 @@ Systems (BENCHMARKS.md shape):
 - `smol-sft` / `smol-cai`: refusal rate on held-out harmful prompts (Do-Not-Answer test split; must
   rise) and over-refusal on held-out harmless-but-risky prompts (must not rise by > 5 points),
   before and after Constitutional AI on the SmolLM2 path (`--skip-cai` leaves them null).
-Missing runs are built with `ownlm run` (tiny: ~20 min, smol with CAI: ~1 h on 2 CPU cores).
+Missing runs are built with `ownlm run` (tiny: ~20 min; smol: SFT ~35–45 min + CAI ~35 min on 2 CPU
+cores).
 
     python bench/alignment.py [--runs-dir runs] [--ppo-steps 40] [--skip-cai] [--save]
 """

@@ -7,7 +7,8 @@ exact_match on verifiable tasks, format_ok (ends its turn with the end-of-turn t
 leakage), tool_call_wellformed / tool_call_ok (one well-formed / also correct calculator call when
 offered the tool), and through `ownlm chat`'s own loop chat_tool_ran (the calculator ran on what the
 model wrote) and chat_answer_ok (the final reply states the right result).
-Missing runs are built first with `ownlm run` (tiny: ~15 min, smol: ~10 min on 2 CPU cores).
+Missing runs are built first with `ownlm run` (tiny: ~15 min; smol: ~35 min quiet, 45 min measured
+contended, for its 200-step LoRA SFT on 2 CPU cores).
 
     python bench/sft_gain.py [--runs-dir runs] [--limit 100] [--save]
 """
