@@ -409,11 +409,21 @@ def summarise(raw: dict, rate, conc, peak_mb: float) -> dict:
     return m
 
 
+KEPT_UP_RULE = (
+    "no errors, sustained_req_per_s >= 0.97 x offered and req_per_s >= 0.9 x offered (a server that "
+    "falls behind finishes its backlog in a burst, so the sustained rate alone can exceed the offered one)"
+)
+
+
 def kept_up(m: dict) -> bool:
-    """A fixed-rate scenario the server kept up with: it completed at ≥ 97% of the offered rate
-    (first to last completion) without errors."""
-    sustained, offered = m.get("sustained_req_per_s"), m.get("offered_req_per_s")
-    return bool(sustained and offered and sustained >= 0.97 * offered and m.get("errors") == 0)
+    """A fixed-rate scenario the server kept up with (KEPT_UP_RULE). Measured: SmolLM2 on ownlm at 8
+    req/s offered completed 60 requests at 4.2 req/s overall but 14.4 req/s from its first to its
+    last completion."""
+    keys = ("sustained_req_per_s", "offered_req_per_s", "req_per_s")
+    sustained, offered, overall = (m.get(k) for k in keys)
+    if not (sustained and offered and overall) or m.get("errors") != 0:
+        return False
+    return sustained >= 0.97 * offered and overall >= 0.9 * offered
 
 
 def max_kept_up(scenarios: dict[str, dict]) -> float | None:
@@ -634,6 +644,7 @@ def main() -> None:
         "systems": systems,
         "ratios": ratios,
         "checks": checks,
+        "kept_up_rule": KEPT_UP_RULE,
         "runs": 1,
         "why": why,
         "versions": versions,
