@@ -26,6 +26,7 @@ import importlib.util
 import json
 import random
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -484,6 +485,7 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
     inputs = {"sl": artifact_hash(sl), "prompts": sha256_json(prompts)}
     if not force and is_up_to_date(out, config, inputs):
         return out
+    started = time.time()  # the sampling and labelling below count towards the artifact's wall time
     model, tok = load_model(sl), load_tokenizer_for(sl)
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=max(c.temperature, 0.7))
     first, second = (
@@ -495,6 +497,7 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
     labelled = ai_preference_labels(probs, [p for p, _, _ in both], pairs, constitution, rng)
     strong = [r for r in labelled if r["label"] >= c.min_label]
     with stage_dir(out, "cai-pairs", config, inputs) as w:
+        w.started = started
         n_val = max(1, len(strong) // 10)
         write_pairs(w.tmp / "val.jsonl", strong[:n_val])
         write_pairs(w.tmp / "train.jsonl", strong[n_val:])

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -289,6 +290,7 @@ def build_verifiable_pairs(
     if not usable:
         raise OwnlmError(f"no verifiable records to judge (skipped {dict(skipped)})")
 
+    started = time.time()  # sampling happens before the artifact is opened; it counts towards wall time
     tokenizer = load_tokenizer_for(policy_dir)
     model = load_model(policy_dir)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -320,6 +322,7 @@ def build_verifiable_pairs(
     for p in pairs:
         split[split_of(p["prompt"], cfg.val_fraction)].append(p)
     with stage_dir(out_dir, "pairs", config, inputs) as w:
+        w.started = started
         for name, rows in split.items():
             write_pairs(w.tmp / f"{name}.jsonl", rows)
         w.metrics = {
