@@ -83,6 +83,7 @@ from typing import Union
 import torch
 
 from ownlm.errors import OwnlmError
+from ownlm.serve.batched_forward import check_batched_forward, decode_logits, prefill_logits
 from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
 from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
 from ownlm.serve.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -612,57 +613,15 @@ class Engine:
             touched[seq.req.id] = seq.req
         self._free_finished_rows()
 
-    # ---- forwards -------------------------------------------------------------------------------------
-
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
+    # ---- forwards (batched_forward.py; methods so a test can make one fail) -----------------------
 
     def _forward_prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """One forward over prompt chunks, chunk i written at row rows[i] from position starts[i];
-        returns each chunk's last-token logits [k, V]."""
-        k, q = len(chunks), max(len(c) for c in chunks)
-        dev = self.device
-        ids = torch.full((k, q), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((k, q), dtype=torch.long)
-        sel = torch.zeros((k, q), dtype=torch.bool)
-        for i, (c, a) in enumerate(zip(chunks, starts, strict=True)):
-            ids[i, q - len(c) :] = torch.tensor(c)
-            pos[i, q - len(c) :] = torch.arange(a, a + len(c))
-            sel[i, q - len(c) :] = True
-        view = max(a + len(c) for c, a in zip(chunks, starts, strict=True))
-        ids, pos, sel = ids.to(dev), pos.to(dev), sel.to(dev)
-        allowed = torch.arange(view, device=dev)[None, None, :] <= pos[:, :, None]
-        rows_t = torch.tensor(rows, device=dev)
-        r0 = rows[0]
-        span = slice(r0, r0 + k) if rows == list(range(r0, r0 + k)) else rows_t
-        self.cache.plan(span, view, rows_t[:, None].expand(k, q)[sel], pos[sel], sel)
-        out = self.model(
-            input_ids=ids,
-            position_ids=pos,
-            attention_mask=self._mask(allowed[:, None]),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
+        return prefill_logits(
+            self.model, self.cache, self.pad_id, rows, chunks, starts, self.dtype, self.device
         )
-        return out.logits[:, -1]
 
     def _forward_decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """One [B, 1] forward: row i's token at position lengths[i]; returns logits [B, V]."""
-        dev = self.device
-        b = len(tokens)
-        lens = torch.tensor(lengths, device=dev)
-        view = max(lengths) + 1
-        allowed = torch.arange(view, device=dev)[None, :] <= lens[:, None]
-        self.cache.plan(slice(0, b), view, torch.arange(b, device=dev), lens)
-        out = self.model(
-            input_ids=torch.tensor(tokens, device=dev)[:, None],
-            position_ids=lens[:, None],
-            attention_mask=self._mask(allowed[:, None, None]),
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1]
+        return decode_logits(self.model, self.cache, tokens, lengths, self.dtype, self.device)
 
     # ---- rows ------------------------------------------------------------------------------------------
 
@@ -808,29 +767,5 @@ class Engine:
     # ---- self-check ------------------------------------------------------------------------------------
 
     def _self_check(self) -> None:
-        """Ragged prefill + one decode step through the engine's cache and masks must give the
-        logits of plain forwards; otherwise this architecture does not work with the engine."""
-        gen = torch.Generator().manual_seed(0)
-        hi = max(2, min(self.vocab_size, 1000))
-        a = torch.randint(1, hi, (7,), generator=gen).tolist()
-        b = torch.randint(1, hi, (4,), generator=gen).tolist()
-        cache = self.cache
-        budget, cache.budget_tokens = cache.budget_tokens, max(cache.budget_tokens, 2 * cache.seq_block)
-        try:
-            with torch.inference_mode():
-                cache.ensure(2, 8, [])
-                first = self._forward_prefill([0, 1], [a[:6], b[:3]], [0, 0])
-                second = self._forward_decode([a[6], b[3]], [6, 3])
-                ref = [self.model(input_ids=torch.tensor([x], device=self.device)).logits[0] for x in (a, b)]
-        finally:
-            cache.release()
-            cache.budget_tokens = budget
-        got = torch.stack([first[0], first[1], second[0], second[1]]).float()
-        want = torch.stack([ref[0][5], ref[1][2], ref[0][6], ref[1][3]]).float()
-        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
-        err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
-        if not err <= tol:
-            raise OwnlmError(
-                f"engine: {type(self.model).__name__} does not run correctly with the engine's batched "
-                f"cache (relative logit error {err:.2e}); this architecture is not supported"
-            )
+        check_batched_forward(self.model, self.cache, self.vocab_size, self.dtype, self.device,
+                              self._forward_prefill, self._forward_decode)  # fmt: skip
