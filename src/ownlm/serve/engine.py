@@ -51,21 +51,13 @@ the key count, not per row, so with ragged rows they are exact only while every 
 the window: the engine caps such a model's context at its window (where the result equals dense
 attention) and rejects longer requests with that reason. FlashAttention/flex are refused.
 
-Why not transformers' own continuous batching (5.24: `generate_batch`, `init_continuous_batching`,
-`ContinuousBatchingManager`, paged `sdpa_paged`)? Checked on this CPU with the tiny recipe's 5M
-model, 32 requests × 32 prompt / 32 new tokens, greedy: outputs equal `generate`'s, but with its
-default sizing it reserves 60% of RAM for the paged cache (seconds of page faults, ~50 tok/s); sized
-by hand (num_blocks=64, max_batch_tokens=512) it did ~600-700 tok/s, about HF `generate` at batch 1
-(~630 tok/s at 1 thread) and far from the ≥3× wanted (this engine: 8-10× HF batch 1 on the same
-workload, ~4,700 tok/s on a quiet machine, above HF's static batch-32 `generate`; at 50 req/s
-offered its TTFT p99 was ~55 ms). Its per-request options are temperature,
-top-k and top-p (only when the generation config enables those processors), `cancel_request` and
-streaming; it has no per-request seed, stop strings, penalties or logprobs, so those would be
-rebuilt around it anyway. So the engine is hand-written and uses only the model's modules.
+Why it is hand-written rather than transformers' own continuous batching (measured): see
+docs/architecture.md, "Serving engine".
 
-Layout: this module is the engine (interface, step loop, forwards); `outputs` (what it returns),
-`request_state` (per-request/sequence state, token acceptance and stops), `sinks` (where outputs
-go), `scheduler`, `kv_cache`, `sampling`, `detokenizer`.
+Layout: this module is the engine (submission, step loop, rows, outputs); `frontends` (generate,
+stream, generate_async), `batched_forward` (the two forwards and the model self-check), `outputs`
+(what it returns), `request_state` (per-request/sequence state, token acceptance and stops), `sinks`
+(where outputs go), `scheduler`, `kv_cache`, `sampling`, `detokenizer`.
 """
 
 from __future__ import annotations
@@ -75,7 +67,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -85,12 +77,13 @@ import torch
 from ownlm.errors import OwnlmError
 from ownlm.serve.batched_forward import check_batched_forward, decode_logits, prefill_logits
 from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
+from ownlm.serve.frontends import EngineFrontends
 from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
 from ownlm.serve.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from ownlm.serve.request_state import RequestState, SequenceState
 from ownlm.serve.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample
 from ownlm.serve.scheduler import RequestRejected, Scheduler
-from ownlm.serve.sinks import AsyncSink, CollectSink, QueueSink
+from ownlm.serve.sinks import AsyncSink, CollectSink
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +125,7 @@ class EngineConfig:
     self_check: bool = True  # compare engine logits with plain forwards once at start
 
 
-class Engine:
+class Engine(EngineFrontends):
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         from ownlm.chat import stop_ids
 
@@ -333,75 +326,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         with self._inbox_lock:
             return bool(self._requests)
-
-    def generate(
-        self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
-    ) -> list[RequestOutput]:
-        """Run prompts to completion; one final RequestOutput per prompt, in order. A single string,
-        id list or message list counts as one prompt."""
-        single = isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list)))
-        batch = [prompts] if single else list(prompts)
-        plist = params if isinstance(params, list) else [params] * len(batch)
-        if self.running_in_background:
-            sinks = [QueueSink(stream=False) for _ in batch]
-            for p, sp, s in zip(batch, plist, sinks, strict=True):
-                self.add_request(p, sp, sink=s)
-            return [self._raise_error(s.queue.get()) for s in sinks]
-        sinks = [CollectSink() for _ in batch]
-        for p, sp, s in zip(batch, plist, sinks, strict=True):
-            self.add_request(p, sp, sink=s)
-        while any(s.result is None for s in sinks):
-            self.step()
-        return [self._raise_error(s.result) for s in sinks]
-
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None):
-        """Sync streaming: RequestOutputs as tokens arrive (driving the engine when no loop runs).
-        Closing the iterator early aborts the request."""
-        sink = QueueSink(stream=True)
-        rid = self.add_request(prompt, params, request_id, sink=sink)
-        return self._iter_sink(rid, sink)
-
-    def _iter_sink(self, rid: str, sink: QueueSink) -> Iterator[RequestOutput]:
-        done = False
-        try:
-            while True:
-                if not self.running_in_background:
-                    while sink.queue.empty():
-                        self.step()
-                out = self._raise_error(sink.queue.get())
-                yield out
-                if out.finished:
-                    done = True
-                    return
-        finally:
-            if not done:
-                self.abort(rid)
-
-    async def generate_async(
-        self,
-        prompt: Prompt,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        *,
-        stream: bool = True,
-    ) -> AsyncIterator[RequestOutput]:
-        """The outputs of one request as an async iterator (stream=False: only the final one).
-        Starts the background loop if needed. If the consumer stops early (client disconnect,
-        task cancelled), the request is aborted. Validation errors raise on the first iteration."""
-        self.start()
-        sink = AsyncSink(asyncio.get_running_loop(), stream)
-        rid = self.add_request(prompt, params, request_id, sink=sink)
-        done = False
-        try:
-            while True:
-                out = self._raise_error(await sink.queue.get())
-                yield out
-                if out.finished:
-                    done = True
-                    return
-        finally:
-            if not done:
-                self.abort(rid)
 
     def add_listener(
         self,
