@@ -128,6 +128,34 @@ def test_greedy_equals_hf_generate_for_ragged_prompts(model, tokenizer, prompts)
     assert chunked.stats().steps >= sum(map(len, prompts)) // 7
 
 
+def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_path):
+    import copy
+
+    from torch import nn
+
+    from ownlm.serve.packed_linear import PackedLinear, pack_linears
+
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    packed = copy.deepcopy(model)
+    assert pack_linears(packed) == linears > 0
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    x = torch.tensor([prompts[3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+    want = [hf_greedy(model, p, 24) for p in prompts]
+    assert tokens(make_engine(packed, tokenizer).generate(prompts, greedy(24))) == want
+    # from_pretrained owns its model and packs it; pack_linears=False keeps nn.Linear.
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = Engine.from_pretrained(tmp_path)
+    assert sum(isinstance(m, PackedLinear) for m in engine.model.modules()) == linears
+    assert tokens(engine.generate(prompts, greedy(24))) == want
+    plain = Engine.from_pretrained(tmp_path, pack_linears=False)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    # A model that is not fp32/bf16 on CPU is left alone.
+    assert pack_linears(copy.deepcopy(model).to(torch.float16)) == 0
+
+
 @pytest.mark.parametrize("variant", ["topk", "sliding"])
 def test_attention_variants_equal_hf_generate(tokenizer, prompts, variant):
     # top-k keeps 8 scores (fewer than the keys: it really selects); the window is 48 tokens.

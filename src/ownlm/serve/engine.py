@@ -210,9 +210,16 @@ class Engine(EngineFrontends):
             self._self_check()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype=None, config: EngineConfig | None = None) -> Engine:
-        """An engine for an HF model directory, a .gguf file or a built-in model name."""
+    def from_pretrained(
+        cls, path: str | Path, *, dtype=None, config: EngineConfig | None = None, pack_linears: bool = True
+    ) -> Engine:
+        """An engine for an HF model directory, a .gguf file or a built-in model name.
+
+        The engine owns the model it loads, so on CPU its linear layers get oneDNN-prepacked
+        weights (`ownlm.serve.packed_linear`; 2-2.5x faster GEMMs at decode batch sizes).
+        """
         from ownlm.models import load_model, load_tokenizer_for, resolve_model_dir
+        from ownlm.serve.packed_linear import pack_linears as pack
 
         if isinstance(dtype, str):
             names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16}
@@ -221,7 +228,10 @@ class Engine(EngineFrontends):
                 raise OwnlmError(f"engine: dtype must be one of {', '.join(names)}, got {dtype!r}")
             dtype = names[dtype]
         resolved = resolve_model_dir(path)
-        return cls(load_model(resolved, dtype=dtype), load_tokenizer_for(resolved), config)
+        model = load_model(resolved, dtype=dtype)
+        if pack_linears:
+            pack(model)
+        return cls(model, load_tokenizer_for(resolved), config)
 
     # ------------------------------------------------------------------------------------------------
     # Public interface
