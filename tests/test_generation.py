@@ -69,6 +69,8 @@ def test_greedy_turns_and_rollouts_equal_hf_generate(model, tokenizer):
         ended = ids[-1] in stops
         text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
         assert [(r.text, r.finished) for r in replies] == [(text, ended)]  # greedy: one reply
+    # Sampling ran on prepacked linears and handed the trainable nn.Linear layers back.
+    assert all(type(m).__name__ != "PackedLinear" for m in model.modules())
 
 
 def test_a_lora_model_in_train_mode_samples_in_eval_and_keeps_its_mode(model, tokenizer):

@@ -133,7 +133,7 @@ def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_
 
     from torch import nn
 
-    from ownlm.serve.packed_linear import PackedLinear, pack_linears
+    from ownlm.serve.packed_linear import PackedLinear, pack_linears, packed_linears
 
     linears = sum(type(m) is nn.Linear for m in model.modules())
     packed = copy.deepcopy(model)
@@ -154,6 +154,11 @@ def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     # A model that is not fp32/bf16 on CPU is left alone.
     assert pack_linears(copy.deepcopy(model).to(torch.float16)) == 0
+    # For a block only (sampling a model that is trained next): the trainable layers come back.
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    with packed_linears(model) as n:
+        assert n == linears and not any(type(m) is nn.Linear for m in model.modules())
+    assert [m for m in model.modules() if type(m) is nn.Linear] == layers
 
 
 @pytest.mark.parametrize("variant", ["topk", "sliding"])

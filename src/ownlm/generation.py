@@ -57,6 +57,7 @@ def sample_completions(
     that leaves nothing is an error. The model is in eval mode while sampling, then back in its mode.
     `desc` names a progress bar over finished prompts (CAI and pair sampling take minutes)."""
     from ownlm.serve.engine import Engine, EngineConfig
+    from ownlm.serve.packed_linear import packed_linears
 
     if not prompts:
         return []
@@ -72,23 +73,25 @@ def sample_completions(
     )
     was_training = model.training
     try:
-        engine = Engine(model, tokenizer, config)
-        context = engine.max_model_len
-        capped = []
-        for x, p in zip(prompts, params, strict=True):
-            if len(x) >= context:
-                raise OwnlmError(
-                    f"a {len(x)}-token prompt leaves no room in the model's {context}-token context"
-                )
-            capped.append(dataclasses.replace(p, max_tokens=min(p.max_tokens, context - len(x))))
-        if desc is None or len(prompts) < 2:
-            return engine.generate([list(x) for x in prompts], capped)
-        from ownlm.progress import bar
+        # Prepacked GEMMs for the sampling only: the model may be trained again right after (PPO).
+        with packed_linears(model):
+            engine = Engine(model, tokenizer, config)
+            context = engine.max_model_len
+            capped = []
+            for x, p in zip(prompts, params, strict=True):
+                if len(x) >= context:
+                    raise OwnlmError(
+                        f"a {len(x)}-token prompt leaves no room in the model's {context}-token context"
+                    )
+                capped.append(dataclasses.replace(p, max_tokens=min(p.max_tokens, context - len(x))))
+            if desc is None or len(prompts) < 2:
+                return engine.generate([list(x) for x in prompts], capped)
+            from ownlm.progress import bar
 
-        with bar(desc, len(prompts)) as progress:
-            task = progress.tasks[0].id
-            engine.add_listener(on_finish=lambda _out: progress.advance(task))
-            return engine.generate([list(x) for x in prompts], capped)
+            with bar(desc, len(prompts)) as progress:
+                task = progress.tasks[0].id
+                engine.add_listener(on_finish=lambda _out: progress.advance(task))
+                return engine.generate([list(x) for x in prompts], capped)
     finally:
         model.train(was_training)
 

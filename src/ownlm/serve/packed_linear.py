@@ -13,14 +13,18 @@ this repo's 2-core AMD EPYC at 1 thread, fp32, [batch, in] x [in, out]:
     576 x 49152 (SmolLM2 head)  1   6.93 ms   4.03 ms
     576 x 49152                32  26.96 ms  10.14 ms
 
-The packed weight is an opaque oneDNN tensor without autograd, so packing is for a model that only
-serves: `Engine.from_pretrained` (which owns the model it loads) packs; an engine handed a model
-that is still being trained (PPO rollouts) does not. Tied weights (lm_head = embeddings) keep the
-embedding and add one packed copy. A torch build without these ops, a non-CPU device or an
-unsupported dtype leaves the model unchanged.
+The packed weight is an opaque oneDNN tensor without autograd, so a model is packed for good only
+when it just serves (`Engine.from_pretrained`, which owns the model it loads); offline sampling
+(`generation.sample_completions`: pairs, CAI, evaluation, PPO rollouts) packs for the duration of
+the call with `packed_linears` and puts the trainable layers back. Tied weights (lm_head =
+embeddings) keep the embedding and add one packed copy. A torch build without these ops, a non-CPU
+device, an unsupported dtype or LoRA adapters leave the model unchanged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -61,21 +65,40 @@ def packing_supported(model: nn.Module) -> str | None:
     return None
 
 
-@torch.no_grad()
-def pack_linears(model: nn.Module) -> int:
-    """Replace every plain `nn.Linear` in `model` by a `PackedLinear`, in place; returns how many.
-
-    Subclasses of nn.Linear (quantized or LoRA layers) are left alone, as is the whole model when
-    `packing_supported` says no.
-    """
-    if packing_supported(model) is not None:
-        return 0
-    targets = [
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    if packing_supported(model) is not None or any("peft" in type(m).__module__ for m in model.modules()):
+        return []  # LoRA layers wrap their nn.Linear and may check its type: leave adapters alone
+    return [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module) -> int:
+    """Replace every plain `nn.Linear` in `model` by a `PackedLinear`, in place; returns how many.
+
+    Subclasses of nn.Linear (quantized layers), models with LoRA adapters, and models that
+    `packing_supported` refuses are left alone.
+    """
+    targets = _linears(model)
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)
+
+
+@contextmanager
+def packed_linears(model: nn.Module) -> Iterator[int]:
+    """`pack_linears` for the duration of a block (sampling from a model that is also trained:
+    the packed copies hold the weights of the moment), then the original layers are put back."""
+    targets = _linears(model)
+    try:
+        with torch.no_grad():
+            for parent, name, child in targets:
+                setattr(parent, name, PackedLinear(child))
+        yield len(targets)
+    finally:
+        for parent, name, child in targets:
+            setattr(parent, name, child)
