@@ -81,6 +81,21 @@ def test_dpo_method_judges_pairs_then_trains_and_skips_when_up_to_date(recipe):
     assert "<h2>pairs</h2>" in page and "<h2>align</h2>" in page and "<h2>instruct</h2>" in page
 
 
+def test_task_scale_judges_more_generated_prompts_but_no_held_out_one(recipe):
+    from ownlm.align.preferences import PairsConfig
+    from ownlm.align.stage import judged_records
+    from ownlm.instruct.formats import iter_instruct_jsonl
+
+    instruct = recipe.run_dir / "instruct"
+    held = {r["id"] for s in ("val", "test") for r in iter_instruct_jsonl(instruct / f"{s}.jsonl")}
+    base = judged_records(recipe, PairsConfig())
+    assert [r["id"] for r in base] == [r["id"] for r in iter_instruct_jsonl(instruct / "train.jsonl")]
+    more = judged_records(recipe, PairsConfig(task_scale=3))
+    ids = {r["id"] for r in more}
+    assert {r["id"] for r in base} <= ids and len(ids) == len(more) > 2 * len(base)
+    assert not ids & held
+
+
 def test_ppo_method_trains_a_reward_model_first_and_records_its_inputs(recipe):
     from transformers import AutoModelForSequenceClassification
 

@@ -162,3 +162,16 @@ def test_config_errors(tmp_path):
         InstructConfig(arithmtic=3)
     with pytest.raises(OwnlmError, match="no such instruction file"):
         run_instruct(_recipe(tmp_path, files=[str(tmp_path / "nope.jsonl")]))
+
+
+def test_more_training_tasks_never_hold_a_held_out_prompt(tmp_path):
+    recipe = _recipe(tmp_path, chatterbot=False)
+    out = run_instruct(recipe)
+    held = set(_ids(out, "val")) | set(_ids(out, "test"))
+    train = {r["id"] for r in iter_instruct_jsonl(out / "train.jsonl") if r["id"].startswith("task-")}
+    more = stage_mod.more_training_tasks(recipe.instruct, 3, held)
+    ids = [r["id"] for r in more]
+    assert len(ids) == len(set(ids)) and not set(ids) & held
+    assert train <= set(ids)  # the 1x training tasks are among them
+    assert len(ids) > 2.5 * len(train)  # ~3x: the generators extend their sequences
+    assert all(r["meta"]["verifiable"] and r["messages"][-1]["role"] == "assistant" for r in more)

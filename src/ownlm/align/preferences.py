@@ -191,6 +191,12 @@ class PairsConfig(StrictModel):
     max_new_tokens: int = Field(32, ge=1, description="Token budget of one sampled reply.")
     batch_size: int = Field(32, ge=1, description="Sequences generated per forward pass.")
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many verifiable records.")
+    task_scale: int = Field(
+        1,
+        ge=1,
+        description="Also judge the task generators' prompts at this multiple of the instruct counts "
+        "(train split only, never a val/test prompt); 1: the instruction data's training tasks only.",
+    )
     pairs_per_prompt: int = Field(1, ge=1, description="Pairs kept per prompt (distinct chosen/rejected).")
     use_reference: bool = Field(True, description="No correct sample: the reference answer is chosen.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts (by hash) in val.jsonl.")

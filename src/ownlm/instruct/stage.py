@@ -134,6 +134,21 @@ def gather(cfg: InstructConfig) -> tuple[list[Record], dict[str, Any]]:
     return list(unique.values()), notes
 
 
+def more_training_tasks(cfg: InstructConfig, scale: int, held_out: set[str]) -> list[Record]:
+    """Verifiable chat records from the task generators at `scale` x the configured counts, only
+    those whose split is train and whose id is not in `held_out` (the instruct artifact's val/test
+    ids: small counts move some records there). The generators extend their sequence, so the 1x
+    records are among them; callers deduplicate by id. More prompts for the preference judge, and
+    the SFT evaluation's prompts stay unseen."""
+    out = []
+    for family in tasks.FAMILIES:
+        for r in tasks.generate_tasks(family, getattr(cfg, family) * scale, cfg.seed):
+            rec = to_chat(r)
+            if rec["id"] not in held_out and split_of(rec, cfg.val_fraction, cfg.test_fraction) == "train":
+                out.append(rec)
+    return out
+
+
 def assign_splits(recs: list[Record], cfg: InstructConfig) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = {s: [] for s in SPLITS}
     for r in recs:
