@@ -5,6 +5,7 @@ plumbing, counts and files are what is checked here)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -162,6 +163,19 @@ def test_cai_mechanics_on_a_tiny_model(recipe):
     before = [(d / "manifest.json").read_bytes() for d in steps]
     assert run_cai(recipe, recipe.align, _policy(recipe)) == out
     assert [(d / "manifest.json").read_bytes() for d in steps] == before
+    # A separate feedback model critiques, revises and labels; the steps it feeds are redone.
+    critic = recipe.run_dir.parent / "critic"
+    shutil.copytree(_policy(recipe), critic)
+    cai = recipe.align.cai.model_copy(update={"feedback_model": str(critic), "examples": 0})
+    other = recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": cai})})
+    run_cai(other, other.align, _policy(recipe))
+    for step in ("sl_data", "pairs"):
+        assert _manifest(root / step)["metrics"]["feedback_model"] == str(critic)
+    assert _manifest(root / "sl_data")["metrics"]["examples_shown"] == 0
+    bad = cai.model_copy(update={"feedback_model": str(critic / "absent")})
+    with pytest.raises(OwnlmError, match="feedback_model"):
+        run_cai(recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": bad})}),
+                recipe.align.model_copy(update={"cai": bad}), _policy(recipe))  # fmt: skip
 
 
 def _policy(recipe):

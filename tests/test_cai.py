@@ -160,6 +160,14 @@ def test_critique_and_revise_threads_each_round_through_the_model():
         {"role": "assistant", "content": "out5-0"},
     ]
     assert recs[0]["meta"]["source"] == "sl_cai" and recs[0]["id"] != recs[1]["id"]
+    # A separate feedback model: the policy answers, the feedback model critiques and revises.
+    calls.clear()
+    answered: list = []
+    critique_and_revise(
+        scripted, ["q0"], principles, 1, random.Random(0), answer=lambda c: answered.append(c) or ["pol"]
+    )
+    assert answered == [[[{"role": "user", "content": "q0"}]]] and len(calls) == 2
+    assert calls[0][0][1] == {"role": "assistant", "content": "pol"}
 
 
 def test_ai_labels_average_both_orders_to_cancel_position_bias():

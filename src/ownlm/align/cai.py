@@ -235,14 +235,16 @@ def critique_and_revise(
     rounds: int,
     rng: random.Random,
     examples: Sequence[CritiqueExample] = (),
+    answer: GenerateFn | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer each prompt, then `rounds` times critique and revise the latest reply under a
-    randomly drawn principle, the `examples` shown first as earlier turns (few-shot). All prompts
-    move through a round together (one batched call per step). Returns per prompt the initial
-    reply, each round's principle/critique/revision."""
+    """Answer each prompt (with `answer`, default `generate`: the policy), then `rounds` times
+    critique and revise the latest reply with `generate` (the feedback model) under a randomly
+    drawn principle, the `examples` shown first as earlier turns (few-shot). All prompts move
+    through a round together (one batched call per step). Returns per prompt the initial reply,
+    each round's principle/critique/revision."""
     shots = few_shot_turns(examples, constitution)
     convs: list[Conversation] = [[{"role": "user", "content": p}] for p in prompts]
-    replies = generate(convs)
+    replies = (answer or generate)(convs)
     history: list[dict[str, Any]] = [
         {"prompt": p, "initial": r, "rounds": []} for p, r in zip(prompts, replies, strict=True)
     ]
@@ -437,17 +439,22 @@ def _sl_data(
     from ownlm.generation import generate_replies
     from ownlm.models import load_model, load_tokenizer_for
 
+    critic_dir = feedback_model_dir(c, policy)
     inputs = {"policy": artifact_hash(policy), "prompts": sha256_json([harmful, helpful])}
+    if critic_dir != policy:
+        inputs["feedback_model"] = artifact_hash(critic_dir)
     if not force and is_up_to_date(out, config, inputs):
         return out
     model, tok = load_model(policy), load_tokenizer_for(policy)
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=config["seed"])
-    generate = functools.partial(generate_replies, model, tok, **kw)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-    examples = examples_that_fit(tok, examples, constitution, context // 2)
+    answer = functools.partial(generate_replies, model, tok, **kw)
+    critic, critic_tok = (model, tok) if critic_dir == policy else _load(critic_dir)
+    generate = functools.partial(generate_replies, critic, critic_tok, **kw)
+    context = int(getattr(critic.config, "max_position_embeddings", 0) or 1 << 30)
+    examples = examples_that_fit(critic_tok, examples[: c.examples], constitution, context // 2)
     with stage_dir(out, "cai-sl-data", config, inputs) as w:
-        history = critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples)
-        answers = generate(_user(helpful))
+        history = critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples, answer)
+        answers = answer(_user(helpful))
         plain = [
             {"prompt": p, "initial": a, "rounds": [], "final": a}
             for p, a in zip(helpful, answers, strict=True)
@@ -467,6 +474,7 @@ def _sl_data(
             "refusal_rate_revised": refusal_rate([h["final"] for h in history]),
             "copied_an_example": len(copied),
             "examples_shown": len(examples),
+            "feedback_model": str(critic_dir),
             "refusal_rate_kept": refusal_rate([h["final"] for h in kept]),
             "helpful_refusal_rate": refusal_rate(answers),
         }  # fmt: skip
@@ -482,7 +490,10 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
     from ownlm.generation import generate_replies, next_token_probs
     from ownlm.models import load_model, load_tokenizer_for
 
+    judge_dir = feedback_model_dir(c, sl)
     inputs = {"sl": artifact_hash(sl), "prompts": sha256_json(prompts)}
+    if judge_dir != sl:
+        inputs["feedback_model"] = artifact_hash(judge_dir)
     if not force and is_up_to_date(out, config, inputs):
         return out
     started = time.time()  # the sampling and labelling below count towards the artifact's wall time
@@ -492,7 +503,8 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
         generate_replies(model, tok, _user(prompts), seed=config["seed"] + k, **kw) for k in (0, 1)
     )
     both = [(p, a, b) for p, a, b in zip(prompts, first, second, strict=True) if a and b and a != b]
-    probs = functools.partial(next_token_probs, model, tok, prefix=FEEDBACK_PREFIX, options=["A", "B"])
+    judge, judge_tok = (model, tok) if judge_dir == sl else _load(judge_dir)
+    probs = functools.partial(next_token_probs, judge, judge_tok, prefix=FEEDBACK_PREFIX, options=["A", "B"])
     pairs = [(a, b) for _, a, b in both]
     labelled = ai_preference_labels(probs, [p for p, _, _ in both], pairs, constitution, rng)
     strong = [r for r in labelled if r["label"] >= c.min_label]
@@ -505,8 +517,27 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
             "prompts": len(prompts), "pairs": len(labelled), "kept": len(strong),
             "mean_label": _mean([r["label"] for r in labelled]),
             "mean_abs_position_bias": _mean([abs(r["meta"]["position_bias"]) for r in labelled]),
+            "feedback_model": str(judge_dir),
         }  # fmt: skip
     return out
+
+
+def feedback_model_dir(c, policy: Path) -> Path:
+    """`c.feedback_model` resolved to a model directory, or `policy` when unset (self-critique)."""
+    if not c.feedback_model:
+        return policy
+    from ownlm.models import builtin_model
+
+    p = builtin_model(c.feedback_model) or Path(c.feedback_model)
+    if not p.exists():
+        raise OwnlmError(f"align.cai.feedback_model {p}: no such model directory or built-in model")
+    return p
+
+
+def _load(path: Path):
+    from ownlm.models import load_model, load_tokenizer_for
+
+    return load_model(path), load_tokenizer_for(path)
 
 
 def _copy_model(src: Path, out: Path, force: bool) -> Path:

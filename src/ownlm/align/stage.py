@@ -46,6 +46,14 @@ class CAIConfig(StrictModel):
         128, ge=0, description="Helpful prompts (benign-but-risky train split + instruction data) mixed in."
     )
     rounds: int = Field(1, ge=1, description="Critique → revision rounds per harmful prompt.")
+    feedback_model: str | None = Field(
+        None,
+        description="The model that critiques, revises and labels pairs (an HF dir or a built-in name); "
+        "None: the policy itself (self-critique, as Bai et al.).",
+    )
+    examples: int | None = Field(
+        None, ge=0, description="Worked examples shown before each request; None: all that fit, 0: zero-shot."
+    )
     test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each prompt set held out.")
     max_new_tokens: int = Field(96, ge=8, description="Token budget of answers, critiques and revisions.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the critiqued model.")
