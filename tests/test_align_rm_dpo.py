@@ -69,7 +69,16 @@ def pairs_dir(tmp_path_factory) -> Path:
 def rm_dir(tmp_path_factory, base, pairs_dir) -> Path:
     from ownlm.align.reward import RewardConfig, run_reward
 
-    cfg = RewardConfig(max_steps=12, lr=2e-3, batch_size=16, warmup=0, max_length=64, log_every=2)
+    cfg = RewardConfig(
+        max_steps=12,
+        lr=2e-3,
+        batch_size=16,
+        warmup=0,
+        max_length=64,
+        log_every=2,
+        eval_every=6,
+        eval_max_pairs=16,
+    )
     started = time.time()
     out = run_reward(base, pairs_dir, cfg, tmp_path_factory.mktemp("rm") / "rm")
     print(f"reward model: {time.time() - started:.1f}s")
@@ -96,6 +105,14 @@ def test_bt_loss_matches_hand_computed_values():
     assert bt_loss(rc, rr, label=torch.zeros(2)).item() == pytest.approx(bt_loss(rr, rc).item())
 
 
+def test_curve_validation_uses_a_strided_subset():
+    from ownlm.align.reward import strided
+
+    assert strided(list(range(10)), 4) == [0, 3, 6, 9]
+    assert strided(list(range(3000)), 512)[:2] == [0, 6] and len(strided(list(range(3000)), 512)) == 500
+    assert strided(list(range(5)), 512) == [0, 1, 2, 3, 4] and strided([], 8) == []
+
+
 def test_reward_model_learns_held_out_preferences_and_saves_a_plain_hf_dir(rm_dir, pairs_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -112,6 +129,8 @@ def test_reward_model_learns_held_out_preferences_and_saves_a_plain_hf_dir(rm_di
     assert m["pairs"] == {"train": 128, "val": 64} and m["steps"] == 12
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "curves.png"):
         assert (rm_dir / name).is_file(), name
+    curve = [json.loads(x) for x in (rm_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in curve if "val_accuracy" in r]) == 2  # eval_every=6 of 12 steps
     stats = json.loads((rm_dir / REWARD_STATS).read_text())
     assert stats["n"] == 256 and stats["std"] > 0
 

@@ -71,6 +71,9 @@ class RewardConfig(LoraSettings):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (CUDA).")
     seed: int = Field(1337, description="Training seed.")
     eval_every: int = Field(50, ge=1, description="Steps between validation passes (if val.jsonl exists).")
+    eval_max_pairs: int = Field(
+        512, ge=1, description="Val pairs scored by those passes (the final accuracy uses all of them)."
+    )
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl rows.")
     stats_max_pairs: int = Field(4096, ge=1, description="Training pairs scored for reward_stats.json.")
 
@@ -410,6 +413,11 @@ def load_reward_base(sft_dir: str | Path, tokenizer, head_init_std: float | None
     return model
 
 
+def strided(items: Sequence, n: int) -> list:
+    """At most `n` items spread evenly over `items` (every k-th), first one included."""
+    return list(items[:: -(-len(items) // n)]) if items else []
+
+
 def run_reward(
     sft_dir: str | Path,
     pairs_dir: str | Path,
@@ -455,7 +463,11 @@ def run_reward(
     ):
         metrics_path = w.tmp / "metrics.jsonl"
         cb = metrics_callback(metrics_path, "reward", ("loss", "accuracy", "margin"))
-        trainer = make_reward_trainer(cfg, model, tokenizer, train, val, work, [cb])
+        # A fixed, strided subset of val for the curve (pairs come grouped by task): scoring 3k
+        # pairs every 50 steps doubled a 12x-data run.
+        trainer = make_reward_trainer(
+            cfg, model, tokenizer, train, strided(val, cfg.eval_max_pairs), work, [cb]
+        )
         before = pairwise_accuracy(trainer.model, tokenizer, val_pairs) if val_pairs else None
         started = time.time()
         result = trainer.train()
