@@ -46,6 +46,7 @@ def recipe(policy, tmp_path_factory):
         "align": {
             "policy": str(policy),
             "pairs": {"samples": 2, "max_new_tokens": 6, "max_prompts": 24},
+            "reward_pairs": {"samples": 2, "max_new_tokens": 6, "max_prompts": 30, "task_scale": 2},
             "reward": {"max_steps": 4, "batch_size": 8},
             "dpo": {"method": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-4, "max_length": 64},
             "ppo": {"method": "full", "steps": 2, "batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6},
@@ -104,6 +105,10 @@ def test_ppo_method_trains_a_reward_model_first_and_records_its_inputs(recipe):
 
     out = run_align(recipe, method="ppo", force=True)
     AutoModelForSequenceClassification.from_pretrained(recipe.run_dir / "reward")
+    # The RM's own pairs (align.reward_pairs), built from 2x the generated tasks.
+    assert _manifest(recipe.run_dir / "pairs-rm")["metrics"]["prompts"] == 30
+    reward_inputs = _manifest(recipe.run_dir / "reward")["inputs"]
+    assert reward_inputs["pairs"] == _manifest(recipe.run_dir / "pairs-rm")["outputs_hash"]
     assert (recipe.run_dir / "reward" / "reward_stats.json").is_file()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len([r for r in rows if "kl" in r]) == 2

@@ -1,15 +1,16 @@
 """The `align` stage: preference alignment of this run's SFT model, by one method.
 
-    rm    pairs → reward model                                   runs/R/pairs, runs/R/reward
-    dpo   pairs → DPO (TRL) → aligned policy                      runs/R/pairs, runs/R/align
-    ppo   pairs → reward model → PPO with a KL penalty (ours)     runs/R/pairs, runs/R/reward, runs/R/align
+    rm    pairs → reward model                            runs/R/pairs(-rm), runs/R/reward
+    dpo   pairs → DPO (TRL) → aligned policy               runs/R/pairs, runs/R/align
+    ppo   pairs → reward model → PPO with a KL penalty     runs/R/pairs(-rm), runs/R/reward, runs/R/align
     grpo  GRPO (TRL) on the verifiable tasks, rewarded by their checkers      runs/R/align
     cai   SL-CAI (critique → revision → SFT) → RL-CAI (AI preference labels → DPO)
                                                                   runs/R/cai/{sl_data,sl,pairs}, runs/R/align
 
 Pairs come from your own file (`align.pairs_dir`) or from the rule judge: the SFT model samples
 replies to the verifiable instruction tasks and a correct reply is preferred to a wrong one
-(`ownlm.align.preferences.build_verifiable_pairs`). Every sub-step is its own artifact with a
+(`ownlm.align.preferences.build_verifiable_pairs`); `align.reward_pairs` gives the reward model
+its own, larger set in runs/R/pairs-rm. Every sub-step is its own artifact with a
 manifest, so a rerun skips what is up to date and a crash resumes at the step that failed.
 """
 
@@ -75,6 +76,11 @@ class AlignConfig(StrictModel):
         None, description="Your own pairs (train.jsonl [+ val.jsonl]); default: judge verifiable tasks."
     )
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="The verifiable-task judge.")
+    reward_pairs: PairsConfig | None = Field(
+        None,
+        description="The judge's settings for the reward model's pairs (runs/R/pairs-rm); None: the "
+        "`pairs` DPO uses. An RM must learn to check answers and wants many more prompts than DPO.",
+    )
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward model training.")
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig, description="DPO (also RL-CAI's last step).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO with a KL penalty.")
@@ -110,15 +116,15 @@ def _instruct_train(recipe) -> Path:
     return path
 
 
-def _pairs(recipe, cfg: AlignConfig, policy: Path, force: bool) -> Path:
+def _pairs(recipe, cfg: AlignConfig, policy: Path, force: bool, *, for_reward: bool = False) -> Path:
     if cfg.pairs_dir:
         return Path(cfg.pairs_dir)
     from ownlm.align.preferences import build_verifiable_pairs
 
-    pairs = cfg.pairs.model_copy(update={"seed": recipe.seed})
-    return build_verifiable_pairs(
-        policy, judged_records(recipe, pairs), pairs, recipe.run_dir / "pairs", force=force
-    )
+    own = for_reward and cfg.reward_pairs is not None
+    pairs = (cfg.reward_pairs if own else cfg.pairs).model_copy(update={"seed": recipe.seed})
+    out = recipe.run_dir / ("pairs-rm" if own else "pairs")
+    return build_verifiable_pairs(policy, judged_records(recipe, pairs), pairs, out, force=force)
 
 
 def judged_records(recipe, pairs) -> list[dict]:
@@ -159,15 +165,15 @@ def run_align(recipe, force: bool = False, method: str | None = None) -> Path:
 
         records = list(iter_instruct_jsonl(_instruct_train(recipe)))
         return run_grpo(policy, records, seeded(cfg.grpo, recipe.seed), out, force=force)
-    pairs = _pairs(recipe, cfg, policy, force)
     if cfg.method == "dpo":
         from ownlm.align.dpo import run_dpo
 
         dpo = seeded(cfg.dpo, seed)
-        return run_dpo(policy, pairs, dpo, out, force=force)
+        return run_dpo(policy, _pairs(recipe, cfg, policy, force), dpo, out, force=force)
     from ownlm.align.reward import run_reward
 
     reward = seeded(cfg.reward, seed)
+    pairs = _pairs(recipe, cfg, policy, force, for_reward=True)
     rm = run_reward(policy, pairs, reward, recipe.run_dir / "reward", force=force)
     if cfg.method == "rm":
         return rm
