@@ -213,17 +213,14 @@ class Engine(EngineFrontends):
     def from_pretrained(
         cls, path: str | Path, *, dtype=None, config: EngineConfig | None = None, pack_linears: bool = True
     ) -> Engine:
-        """An engine for an HF model directory, a .gguf file or a built-in model name.
-
-        The engine owns the model it loads, so on CPU its linear layers get oneDNN-prepacked
-        weights (`ownlm.serve.packed_linear`; 2-2.5x faster GEMMs at decode batch sizes).
-        """
+        """An engine for an HF model directory, a .gguf file or a built-in model name. It owns the
+        model, so on CPU its linears get oneDNN-prepacked weights (`ownlm.serve.packed_linear`)."""
         from ownlm.models import load_model, load_tokenizer_for, resolve_model_dir
         from ownlm.serve.packed_linear import pack_linears as pack
 
         if isinstance(dtype, str):
-            names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16}
-            names["bfloat16"] = torch.bfloat16
+            f32, bf16 = torch.float32, torch.bfloat16
+            names = dict(fp32=f32, float32=f32, bf16=bf16, bfloat16=bf16)
             if dtype not in names:
                 raise OwnlmError(f"engine: dtype must be one of {', '.join(names)}, got {dtype!r}")
             dtype = names[dtype]
@@ -697,8 +694,6 @@ class Engine(EngineFrontends):
         s.kv_usage = s.kv_tokens_used / max(1, s.kv_tokens_budget)
         s.prefix_cache_tokens = self.prefix.used_tokens
         s.prefix_cache_capacity = self.prefix.capacity_tokens
-
-    # ---- self-check ------------------------------------------------------------------------------------
 
     def _self_check(self) -> None:
         check_batched_forward(self.model, self.cache, self.vocab_size, self.dtype, self.device,
