@@ -150,6 +150,8 @@ def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_
     engine = Engine.from_pretrained(tmp_path)
     assert sum(isinstance(m, PackedLinear) for m in engine.model.modules()) == linears
     assert tokens(engine.generate(prompts, greedy(24))) == want
+    with pytest.raises(OwnlmError, match="dtype must be one of"):
+        Engine.from_pretrained(tmp_path, dtype="fp8")
     plain = Engine.from_pretrained(tmp_path, pack_linears=False)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     # A model that is not fp32/bf16 on CPU is left alone.
