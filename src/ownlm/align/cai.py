@@ -449,7 +449,6 @@ def _sl_data(
 
     from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
     from ownlm.generation import generate_replies
-    from ownlm.models import load_model, load_tokenizer_for
 
     critic_dir = feedback_model_dir(c, policy)
     inputs = {"policy": artifact_hash(policy), "prompts": sha256_json([harmful, helpful])}
@@ -457,7 +456,7 @@ def _sl_data(
         inputs["feedback_model"] = artifact_hash(critic_dir)
     if not force and is_up_to_date(out, config, inputs):
         return out
-    model, tok = load_model(policy), load_tokenizer_for(policy)
+    model, tok = _load(policy)
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=config["seed"])
     answer = functools.partial(generate_replies, model, tok, **kw)
     critic, critic_tok = (model, tok) if critic_dir == policy else _load(critic_dir)
@@ -500,7 +499,6 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
     from ownlm.align.preferences import write_pairs
     from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
     from ownlm.generation import generate_replies, next_token_probs
-    from ownlm.models import load_model, load_tokenizer_for
 
     judge_dir = feedback_model_dir(c, sl)
     inputs = {"sl": artifact_hash(sl), "prompts": sha256_json(prompts)}
@@ -509,7 +507,7 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
     if not force and is_up_to_date(out, config, inputs):
         return out
     started = time.time()  # the sampling and labelling below count towards the artifact's wall time
-    model, tok = load_model(sl), load_tokenizer_for(sl)
+    model, tok = _load(sl)
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=max(c.temperature, 0.7))
     first, second = (
         generate_replies(model, tok, _user(prompts), seed=config["seed"] + k, **kw) for k in (0, 1)
