@@ -584,13 +584,13 @@ def test_internal_error_is_a_500_and_the_server_stays_up(server, client, engine,
 def test_disconnect_mid_stream_aborts_the_request(server, engine, monkeypatch):
     import time
 
-    real = engine._forward_decode
+    real = engine._forward
 
     def slow(*a, **kw):  # a quiet machine can decode all 480 tokens before the client reads 12 lines
         time.sleep(0.005)
         return real(*a, **kw)
 
-    monkeypatch.setattr(engine, "_forward_decode", slow)
+    monkeypatch.setattr(engine, "_forward", slow)
     before = engine.stats()
     body = {"model": "tiny", "messages": USER, "max_tokens": 480, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/chat/completions", json=body) as r:

@@ -441,7 +441,7 @@ def test_unsupported_attention_or_architecture_is_refused(tokenizer, prompts):
 
 def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(model, tokenizer, prompts):
     engine = make_engine(model, tokenizer)
-    real = engine._forward_decode
+    real = engine._forward
     calls = []
 
     def flaky(*args):
@@ -450,7 +450,7 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(model, toke
             raise RuntimeError("boom")
         return real(*args)
 
-    engine._forward_decode = flaky
+    engine._forward = flaky
     with pytest.raises(EngineError, match="boom"):
         engine.generate(prompts[:2], greedy(8))
     assert not engine.has_unfinished() and engine.stats().running_seqs == 0

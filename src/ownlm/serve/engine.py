@@ -27,16 +27,17 @@ inter-token latencies, e2e, queue time) and token counts (prompt, completion, pr
 
 How a step works. One iteration (`step`) (1) applies aborts, (2) admits waiting requests the KV
 budget allows (`scheduler.py`: FIFO, worst-case reservation), copying any cached prompt prefix into
-their rows (`kv_cache.PrefixCache`), (3) runs one prefill forward for the prompt chunks of new
-requests (left-padded so every row's last token is the last column: the model's own forward with
-`logits_to_keep=1` then gives every row's next-token logits), (4) runs one decode forward
-[B, 1] over every running sequence (per-row position ids, a [B, 1, 1, L] mask over the padded row
-length), (5) samples per sequence (`sampling.py`), detokenizes incrementally and checks stops
-(`detokenizer.py`), and (6) hands outputs to each request's sink. New requests therefore join the
-batch at the next step and finished ones leave it at once. The model is called as is, through a
-`transformers.Cache` subclass (`kv_cache.SlotKVCache`) and a custom 4D mask, so any decoder whose
-attention goes through `cache.update` works; a self-check at start compares batched, ragged
-engine logits with plain forwards and refuses a model that does not match.
+their rows (`kv_cache.PrefixCache`), (3) runs ONE forward over a flat batch of every running
+sequence's last token and this step's prompt chunks (`batched_forward`: the model's layers see one
+[1, T] sequence, attention is split per row with per-row positions and masks, and only decode rows
+and completed prompts get logits), (4) samples per sequence (`sampling.py`), detokenizes
+incrementally and checks stops (`detokenizer.py`), and (5) hands outputs to each request's sink.
+New requests therefore join the batch at the next step and finished ones leave it at once. The
+model is called as is, through a `transformers.Cache` subclass (`kv_cache.SlotKVCache`) and the
+`ownlm_engine` attention function (which calls the model's own attention per segment), so any
+decoder whose attention goes through `cache.update` and the attention registry works; a self-check
+at start compares batched, ragged engine logits with plain forwards and refuses a model that does
+not match.
 
 Memory: each sequence reserves prompt + max_tokens tokens of KV when admitted (requests without
 max_tokens get `EngineConfig.default_max_tokens`), so a running sequence can always finish: no
@@ -55,7 +56,7 @@ Why it is hand-written rather than transformers' own continuous batching (measur
 docs/architecture.md, "Serving engine".
 
 Layout: this module is the engine (submission, step loop, rows, outputs); `frontends` (generate,
-stream, generate_async), `batched_forward` (the two forwards and the model self-check), `outputs`
+stream, generate_async), `batched_forward` (the step forward and the model self-check), `outputs`
 (what it returns), `request_state` (per-request/sequence state, token acceptance and stops), `sinks`
 (where outputs go), `scheduler`, `kv_cache`, `sampling`, `detokenizer`.
 """
@@ -75,7 +76,7 @@ from typing import Union
 import torch
 
 from ownlm.errors import OwnlmError
-from ownlm.serve.batched_forward import check_batched_forward, decode_logits, prefill_logits
+from ownlm.serve.batched_forward import Chunk, check_batched_forward, step_logits
 from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
 from ownlm.serve.frontends import EngineFrontends
 from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
@@ -406,8 +407,7 @@ class Engine(EngineFrontends):
             try:
                 with torch.inference_mode():
                     self._take_inbox(touched)
-                    self._prefill_step(touched)
-                    self._decode_step(touched)
+                    self._run_batch(touched)
             except Exception as e:  # a failing forward must not kill the loop: fail what was running
                 self._fail_running(e, touched)
             outs = self._emit(touched)
@@ -453,10 +453,12 @@ class Engine(EngineFrontends):
     def _longest_reserve(self) -> int:
         return max((r.reserve for r in self._running.values()), default=0)
 
-    def _prefill_step(self, touched: dict[str, RequestState]) -> None:
+    def _schedule_chunks(self) -> list[tuple[RequestState, int, int]]:
+        """This step's prompt chunks, (request, start, end): unfinished prompts first, in arrival
+        order, then newly admitted requests (rows, storage and cached prefixes set up here)."""
         budget = self.config.max_prefill_tokens
-        chunks: list[tuple[RequestState, int, int]] = []  # (request, start, end) of prompt tokens
-        for req in self._running.values():  # unfinished prompts first, in arrival order
+        chunks: list[tuple[RequestState, int, int]] = []
+        for req in self._running.values():
             if req.prefilling and budget > 0:
                 end = min(len(req.prompt_ids), req.prefilled + budget)
                 chunks.append((req, req.prefilled, end))
@@ -488,71 +490,64 @@ class Engine(EngineFrontends):
             if req.prefilled:
                 self.prefix.copy_into(req.prefix_chain, req.prefilled, self.cache.kv, self._row_of(seq0))
                 seq0.length = req.prefilled
-        if not chunks:
+        return chunks
+
+    def _run_batch(self, touched: dict[str, RequestState]) -> None:
+        """One forward for every running sequence's next token and this step's prompt chunks
+        (`batched_forward`), then sampling for the sequences that got logits."""
+        chunks = self._schedule_chunks()
+        rows = self._rows
+        active = [i for i, s in enumerate(rows) if s.active]
+        if not chunks and not active:
             return
-        logits = self._forward_prefill(
-            [self._row_of(req.seqs[0]) for req, _, _ in chunks],
-            [req.prompt_ids[a:b] for req, a, b in chunks],
-            [a for _, a, _ in chunks],
+        # Rows up to the last active one decode; an inactive row among them gets a pad token at a
+        # position nothing has written yet (after its chunk, if it has one), overwritten later.
+        decoding = rows[: active[-1] + 1] if active else []
+        chunk_end = {id(req.seqs[0]): b for req, _, b in chunks}
+        positions = [s.length if s.active else chunk_end.get(id(s), s.length) for s in decoding]
+        flat = [Chunk(self._row_of(req.seqs[0]), req.prompt_ids[a:b], a) for req, a, b in chunks]
+        firsts = list(itertools.accumulate([len(decoding)] + [b - a for _, a, b in chunks]))
+        completed = [i for i, (req, _, b) in enumerate(chunks) if b == len(req.prompt_ids)]
+        logits = self._forward(
+            [s.last_token if s.active else self.pad_id for s in decoding],
+            positions,
+            flat,
+            active + [firsts[i + 1] - 1 for i in completed],
         )
-        done: list[tuple[RequestState, int]] = []
-        for i, (req, a, b) in enumerate(chunks):
+        seqs = [rows[i] for i in active]
+        for seq in seqs:
+            seq.length += 1
+        keep = list(range(len(active)))
+        for req, a, b in chunks:
             self._stats.prefill_tokens += b - a
             req.prefilled = b
             req.seqs[0].length = b
-            if not req.prefilling:
-                done.append((req, i))
-        if not done:
-            return
-        rows_logits, samplers, seqs = [], [], []
-        for req, i in done:
+        for j, i in enumerate(completed):
+            req = chunks[i][0]
             row0 = self._row_of(req.seqs[0])
             if self.prefix.enabled:
                 self.prefix.insert(req.prompt_ids, self.cache.kv, row0)
             self.cache.copy_row_to(row0, [self._row_of(s) for s in req.seqs[1:]], len(req.prompt_ids))
             for seq in req.seqs:
                 seq.length = len(req.prompt_ids)
-                rows_logits.append(i)
-                samplers.append(seq.sampler)
+                seq.active = True
+                keep.append(len(active) + j)
                 seqs.append(seq)
-        batch = logits[rows_logits].float().cpu()  # sampling runs on the CPU
-        tokens, lps = sample(batch, samplers)
-        now = time.perf_counter()
-        for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
-            seq.active = True
-            self._stats.generation_tokens += 1
-            seq.accept(tok, lp, now)
-            touched[seq.req.id] = seq.req
-        self._free_finished_rows()
-
-    def _decode_step(self, touched: dict[str, RequestState]) -> None:
-        rows = self._rows
-        if not any(s.active for s in rows):
-            return
-        logits = self._forward_decode(
-            [s.last_token if s.active else self.pad_id for s in rows], [s.length for s in rows]
-        )
-        active = [i for i, s in enumerate(rows) if s.active]
-        batch = (logits if len(active) == len(rows) else logits[active]).float().cpu()
-        seqs = [rows[i] for i in active]
+        batch = (logits if len(keep) == len(logits) else logits[keep]).float().cpu()  # sampling: CPU
         tokens, lps = sample(batch, [s.sampler for s in seqs])
         now = time.perf_counter()
         for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
-            seq.length += 1
             self._stats.generation_tokens += 1
             seq.accept(tok, lp, now)
             touched[seq.req.id] = seq.req
         self._free_finished_rows()
 
-    # ---- forwards (batched_forward.py; methods so a test can make one fail) -----------------------
+    # ---- the forward (batched_forward.py; a method so a test can make it fail) ------------------------
 
-    def _forward_prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        return prefill_logits(
-            self.model, self.cache, self.pad_id, rows, chunks, starts, self.dtype, self.device
-        )
-
-    def _forward_decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        return decode_logits(self.model, self.cache, tokens, lengths, self.dtype, self.device)
+    def _forward(
+        self, tokens: list[int], positions: list[int], chunks: list[Chunk], keep: list[int]
+    ) -> torch.Tensor:
+        return step_logits(self.model, self.cache, tokens, positions, chunks, keep, self.dtype, self.device)
 
     # ---- rows ------------------------------------------------------------------------------------------
 
@@ -696,5 +691,4 @@ class Engine(EngineFrontends):
         s.prefix_cache_capacity = self.prefix.capacity_tokens
 
     def _self_check(self) -> None:
-        check_batched_forward(self.model, self.cache, self.vocab_size, self.dtype, self.device,
-                              self._forward_prefill, self._forward_decode)  # fmt: skip
+        check_batched_forward(self.model, self.cache, self.vocab_size, self.dtype, self.device, self._forward)

@@ -4,11 +4,12 @@
 decoder whose attention goes through `cache.update` + an attention function that honours a 4D mask
 runs unchanged. Each layer holds one tensor [2, rows, kv_heads, L, head_dim]. Running sequences own
 rows 0..B-1 (kept compact: a finished sequence's row is refilled by moving the last row into it,
-one copy of that sequence's tokens), and a token at position p sits at index p of its row. A decode
-step writes the B new keys with one indexed store per layer and hands attention a *view*
-[:B, :, :max_len] of the cache: nothing is gathered or re-copied per step, and the per-step Python
-work does not grow with context. Rows shorter than `max_len` are padded; the engine's 4D mask
-hides the padding. Memory is accounted as this padded rectangle (rows × longest reservation,
+one copy of that sequence's tokens), and a token at position p sits at index p of its row. A step
+writes its new keys with one indexed store per layer and returns the whole layer; the engine's
+attention (`batched_forward.engine_attention`) reads *views* of it ([:B, :, :max_len] for the
+decode rows, one row's prefix for a prompt chunk): nothing is gathered or re-copied per step, and
+the per-step Python work does not grow with context. Rows shorter than `max_len` are padded; the
+engine's 4D masks hide the padding. Memory is accounted as this padded rectangle (rows × longest reservation,
 rounded to `seq_block`), which is exactly what is allocated, so admission control against the
 budget can never lead to an out-of-memory error later.
 
@@ -66,12 +67,10 @@ class SlotKVCache(Cache):
         self.kv: list[torch.Tensor] = []
         self.capacity_rows = 0
         self.capacity_len = 0
-        # Set by the engine before each forward: which rows the batch covers, where to write.
-        self._rows = slice(0, 0)
+        # Set by the engine before each forward (`plan_flat`): where each new token's key goes.
         self._view_len = 0
         self._write_rows: torch.Tensor | None = None
         self._write_pos: torch.Tensor | None = None
-        self._write_sel: torch.Tensor | None = None  # prefill: which (row, column) query tokens are real
 
     # ---- accounting -------------------------------------------------------------------------------
     @property
@@ -127,33 +126,18 @@ class SlotKVCache(Cache):
         for t in self.kv:
             t[:, idx, :, :length] = t[:, src : src + 1, :, :length]
 
-    # ---- the forward's view ---------------------------------------------------------------------------
-    def plan(
-        self,
-        rows: slice | torch.Tensor,
-        view_len: int,
-        write_rows: torch.Tensor,
-        write_pos: torch.Tensor,
-        write_sel: torch.Tensor | None = None,
-    ) -> None:
-        """Next forward covers `rows` (a slice: attention reads a view of the cache; row indices: a
-        gathered copy, for prefills of scattered rows); token (write_rows[i], write_pos[i]) gets
-        the i-th new key. For a prefill, `write_sel` [rows, q] marks the real query tokens."""
-        self._rows, self._view_len = rows, view_len
-        self._write_rows, self._write_pos, self._write_sel = write_rows, write_pos, write_sel
+    # ---- the forward's writes ---------------------------------------------------------------------------
+    def plan_flat(self, write_rows: torch.Tensor, write_pos: torch.Tensor) -> None:
+        """The next forward is one flat [1, T] batch (`batched_forward.step_logits`): token i goes to
+        (write_rows[i], write_pos[i]); `update` returns whole layers and attention slices them."""
+        self._write_rows, self._write_pos = write_rows, write_pos
+        self._view_len = int(write_pos.max()) + 1 if len(write_pos) else 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         t = self.kv[layer_idx]
-        if self._write_sel is None:  # decode: one new token per row
-            k, v = key_states[:, :, -1], value_states[:, :, -1]
-        else:
-            k = key_states.transpose(1, 2)[self._write_sel]
-            v = value_states.transpose(1, 2)[self._write_sel]
-        t[0][self._write_rows, :, self._write_pos] = k.to(t.dtype)
-        t[1][self._write_rows, :, self._write_pos] = v.to(t.dtype)
-        if isinstance(self._rows, slice):
-            return t[0, self._rows, :, : self._view_len], t[1, self._rows, :, : self._view_len]
-        return t[0][self._rows, :, : self._view_len], t[1][self._rows, :, : self._view_len]
+        t[0][self._write_rows, :, self._write_pos] = key_states[0].transpose(0, 1).to(t.dtype)
+        t[1][self._write_rows, :, self._write_pos] = value_states[0].transpose(0, 1).to(t.dtype)
+        return t[0], t[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._view_len
