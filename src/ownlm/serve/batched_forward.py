@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -84,6 +85,18 @@ def engine_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 AttentionInterface.register(ENGINE_ATTENTION, engine_attention)
 
 
+def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA with grouped key/value heads as they are. transformers' sdpa function copies them to
+    every query head whenever a mask is given (`repeat_kv`): measured on the tiny model's decode
+    shapes (32 rows, 65 keys, 4 heads over 2), 199 µs per call against 107 µs here. Used for sdpa and
+    eager models (eager has no registry entry, each model file has its own; it computes the same)."""
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2), None
+
+
 def step_logits(
     model,
     cache,
@@ -114,8 +127,7 @@ def step_logits(
         allowed = torch.arange(view, device=device)[None, :] <= lens[:, None]
         decode_mask = additive_mask(allowed[:, None, None], dtype)
     impl = model.config._attn_implementation
-    # eager is not in the registry (each model file has its own); sdpa computes the same thing.
-    inner = ALL_ATTENTION_FUNCTIONS["sdpa" if impl == "eager" else impl]
+    inner = sdpa_gqa if impl in ("sdpa", "eager") else ALL_ATTENTION_FUNCTIONS[impl]
     batch = StepBatch(inner, r, view, decode_mask, planned)
     pos_t = torch.tensor(pos, device=device)
     cache.plan_flat(torch.tensor(rows, device=device), pos_t)
