@@ -147,8 +147,8 @@ def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_
     # from_pretrained owns its model and packs it; pack_linears=False keeps nn.Linear.
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    engine = Engine.from_pretrained(tmp_path)
-    assert sum(isinstance(m, PackedLinear) for m in engine.model.modules()) == linears
+    engine = Engine.from_pretrained(tmp_path)  # packed, and q/k/v and gate/up fused (fused_llama)
+    assert engine.runner is not None and not any(type(m) is nn.Linear for m in engine.model.modules())
     assert tokens(engine.generate(prompts, greedy(24))) == want
     with pytest.raises(OwnlmError, match="dtype must be one of"):
         Engine.from_pretrained(tmp_path, dtype="fp8")

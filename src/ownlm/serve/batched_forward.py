@@ -28,18 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ownlm.errors import OwnlmError
+from ownlm.serve.fused_llama import FusedLlama, additive_mask, sdpa_gqa
 
 ENGINE_ATTENTION = "ownlm_engine"
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 @dataclass
@@ -85,18 +80,6 @@ def engine_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 AttentionInterface.register(ENGINE_ATTENTION, engine_attention)
 
 
-def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA with grouped key/value heads as they are. transformers' sdpa function copies them to
-    every query head whenever a mask is given (`repeat_kv`): measured on the tiny model's decode
-    shapes (32 rows, 65 keys, 4 heads over 2), 199 µs per call against 107 µs here. Used for sdpa and
-    eager models (eager has no registry entry, each model file has its own; it computes the same)."""
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )  # fmt: skip
-    return out.transpose(1, 2), None
-
-
 def step_logits(
     model,
     cache,
@@ -106,9 +89,11 @@ def step_logits(
     keep: list[int],
     dtype,
     device,
+    runner: FusedLlama | None = None,
 ) -> torch.Tensor:
     """One forward: row i (< len(decode_tokens)) gets decode_tokens[i] at decode_positions[i], then
-    each chunk's tokens at its row; returns the logits of the flat token indices `keep` [k, V]."""
+    each chunk's tokens at its row; returns the logits of the flat token indices `keep` [k, V].
+    Through `runner` (`fused_llama`) when given, else the model's own modules."""
     r = len(decode_tokens)
     ids, pos, rows = list(decode_tokens), list(decode_positions), list(range(r))
     view = max(decode_positions) + 1 if r else 0
@@ -130,17 +115,27 @@ def step_logits(
     inner = sdpa_gqa if impl in ("sdpa", "eager") else ALL_ATTENTION_FUNCTIONS[impl]
     batch = StepBatch(inner, r, view, decode_mask, planned)
     pos_t = torch.tensor(pos, device=device)
+    ids_t = torch.tensor(ids, device=device)[None]
+    keep_t = torch.tensor(keep, device=device)
     cache.plan_flat(torch.tensor(rows, device=device), pos_t)
+    if runner is not None:
+
+        def attend(layer: int, q, k, v):
+            return engine_attention(
+                None, q, *cache.update(k, v, layer), None, scaling=runner.scaling, ownlm_step=batch
+            )[0]
+
+        return runner.logits(runner.hidden(ids_t, pos_t[None], attend)[0, keep_t])
     model.config._attn_implementation = ENGINE_ATTENTION
     try:
         out = model(
-            input_ids=torch.tensor(ids, device=device)[None],
+            input_ids=ids_t,
             position_ids=pos_t[None],
             # Any 4D tensor: transformers then builds no mask of its own (engine_attention makes them).
             attention_mask=torch.zeros((1, 1, 1, 1), dtype=dtype, device=device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=device),
+            logits_to_keep=keep_t,
             ownlm_step=batch,
         )
     finally:

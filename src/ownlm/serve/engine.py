@@ -56,7 +56,7 @@ Why it is hand-written rather than transformers' own continuous batching (measur
 docs/architecture.md, "Serving engine".
 
 Layout: this module is the engine (submission, step loop, rows, outputs); `frontends` (generate,
-stream, generate_async), `batched_forward` (the step forward and the model self-check), `outputs`
+stream, generate_async, embed), `batched_forward` (the step forward and the model self-check), `outputs`
 (what it returns), `request_state` (per-request/sequence state, token acceptance and stops), `sinks`
 (where outputs go), `scheduler`, `kv_cache`, `sampling`, `detokenizer`.
 """
@@ -79,6 +79,7 @@ from ownlm.errors import OwnlmError
 from ownlm.serve.batched_forward import Chunk, check_batched_forward, step_logits
 from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
 from ownlm.serve.frontends import EngineFrontends
+from ownlm.serve.fused_llama import FusedLlama
 from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
 from ownlm.serve.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from ownlm.serve.request_state import RequestState, SequenceState
@@ -127,10 +128,13 @@ class EngineConfig:
 
 
 class Engine(EngineFrontends):
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+    def __init__(
+        self, model, tokenizer, config: EngineConfig | None = None, *, runner: FusedLlama | None = None
+    ):
         from ownlm.chat import stop_ids
 
         self.model = model.eval()
+        self.runner = runner  # the lean forward (`fused_llama`); None: the model's own modules
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         mcfg = model.config
@@ -215,7 +219,8 @@ class Engine(EngineFrontends):
         cls, path: str | Path, *, dtype=None, config: EngineConfig | None = None, pack_linears: bool = True
     ) -> Engine:
         """An engine for an HF model directory, a .gguf file or a built-in model name. It owns the
-        model, so on CPU its linears get oneDNN-prepacked weights (`ownlm.serve.packed_linear`)."""
+        model, so on CPU its linears get oneDNN-prepacked weights (`packed_linear`) and a
+        Llama-layout model runs through the lean `fused_llama` runner."""
         from ownlm.models import load_model, load_tokenizer_for, resolve_model_dir
         from ownlm.serve.packed_linear import pack_linears as pack
 
@@ -227,9 +232,10 @@ class Engine(EngineFrontends):
             dtype = names[dtype]
         resolved = resolve_model_dir(path)
         model = load_model(resolved, dtype=dtype)
+        runner = FusedLlama.build(model) if pack_linears else None  # fuses first: needs plain weights
         if pack_linears:
             pack(model)
-        return cls(model, load_tokenizer_for(resolved), config)
+        return cls(model, load_tokenizer_for(resolved), config, runner=runner)
 
     # ------------------------------------------------------------------------------------------------
     # Public interface
@@ -246,36 +252,6 @@ class Engine(EngineFrontends):
             )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return [int(t) for t in prompt]
-
-    def embed(self, prompts: list[Prompt], batch_size: int = 32) -> list[list[float]]:
-        """One vector per prompt: the last hidden states mean-pooled over the prompt's tokens (BOS
-        included, padding not) and L2-normalised. Runs between engine steps (the step lock)."""
-        ids = [self.encode(p) for p in prompts]
-        for x in ids:
-            if not x:
-                raise RequestRejected("the input is empty")
-            if len(x) > self.max_model_len:
-                raise RequestRejected(
-                    f"the input has {len(x)} tokens; the engine's context is {self.max_model_len}"
-                )
-        out: list[list[float]] = []
-        body = getattr(self.model, "base_model", self.model)
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            width = max(len(x) for x in chunk)
-            rows = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            keep = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, x in enumerate(chunk):
-                rows[i, : len(x)] = torch.tensor(x)
-                keep[i, : len(x)] = 1
-            with self._step_lock, torch.inference_mode():
-                hidden = body(
-                    input_ids=rows.to(self.device), attention_mask=keep.to(self.device), use_cache=False
-                ).last_hidden_state.float()
-            w = keep.to(hidden.device, hidden.dtype)[:, :, None]
-            pooled = (hidden * w).sum(1) / w.sum(1)
-            out += torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist()
-        return out
 
     def _admissible(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt's ids and the request's max_tokens, or RequestRejected."""
@@ -547,7 +523,9 @@ class Engine(EngineFrontends):
     def _forward(
         self, tokens: list[int], positions: list[int], chunks: list[Chunk], keep: list[int]
     ) -> torch.Tensor:
-        return step_logits(self.model, self.cache, tokens, positions, chunks, keep, self.dtype, self.device)
+        return step_logits(
+            self.model, self.cache, tokens, positions, chunks, keep, self.dtype, self.device, self.runner
+        )
 
     # ---- rows ------------------------------------------------------------------------------------------
 
@@ -691,4 +669,12 @@ class Engine(EngineFrontends):
         s.prefix_cache_capacity = self.prefix.capacity_tokens
 
     def _self_check(self) -> None:
-        check_batched_forward(self.model, self.cache, self.vocab_size, self.dtype, self.device, self._forward)
+        check = (self.model, self.cache, self.vocab_size, self.dtype, self.device, self._forward)
+        try:
+            check_batched_forward(*check)
+        except OwnlmError as e:
+            if self.runner is None:
+                raise
+            log.warning("engine: the fused runner does not match the model (%s); using its own modules", e)
+            self.runner = None
+            check_batched_forward(*check)

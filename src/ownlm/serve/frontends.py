@@ -1,7 +1,8 @@
 """The ways to consume the engine: whole results (`generate`), sync streaming (`stream`, driving the
 engine in the calling thread when no loop runs) and async streaming (`generate_async`, for the HTTP
 layer). They only submit requests, step or wait, and abort what the consumer abandons; `Engine`
-(engine.py) inherits them and does the scheduling and the forwards."""
+(engine.py) inherits them and does the scheduling and the forwards. `embed` (mean-pooled hidden
+states) runs its own forward between engine steps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
+import torch
+
+from ownlm.serve.scheduler import RequestRejected
 from ownlm.serve.sinks import AsyncSink, CollectSink, QueueSink
 
 if TYPE_CHECKING:  # engine.py imports this module
@@ -19,7 +23,41 @@ if TYPE_CHECKING:  # engine.py imports this module
 
 class EngineFrontends:
     """Mixed into `Engine`: uses its add_request, step, abort, start, running_in_background and
-    _raise_error."""
+    _raise_error (and for `embed` its model, runner, encode and step lock)."""
+
+    def embed(self, prompts: list[Prompt], batch_size: int = 32) -> list[list[float]]:
+        """One vector per prompt: the last hidden states mean-pooled over the prompt's tokens (BOS
+        included, padding not) and L2-normalised. Runs between engine steps (the step lock)."""
+        ids = [self.encode(p) for p in prompts]
+        for x in ids:
+            if not x:
+                raise RequestRejected("the input is empty")
+            if len(x) > self.max_model_len:
+                raise RequestRejected(
+                    f"the input has {len(x)} tokens; the engine's context is {self.max_model_len}"
+                )
+        out: list[list[float]] = []
+        body = getattr(self.model, "base_model", self.model)
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            width = max(len(x) for x in chunk)
+            rows = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            keep = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, x in enumerate(chunk):
+                rows[i, : len(x)] = torch.tensor(x)
+                keep[i, : len(x)] = 1
+            rows, keep = rows.to(self.device), keep.to(self.device)
+            with self._step_lock, torch.inference_mode():
+                if self.runner is not None:
+                    hidden = self.runner.padded_hidden(rows, keep).float()
+                else:
+                    hidden = body(
+                        input_ids=rows, attention_mask=keep, use_cache=False
+                    ).last_hidden_state.float()
+            w = keep.to(hidden.device, hidden.dtype)[:, :, None]
+            pooled = (hidden * w).sum(1) / w.sum(1)
+            out += torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist()
+        return out
 
     def generate(
         self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
