@@ -107,22 +107,14 @@ class FusedLlama:
     def __init__(self, model: nn.Module):
         self.model = model
         body = model.model
+        # The layers themselves, not their o/down projections: those are looked up per call, so
+        # packing them after the fusion (`Engine.from_pretrained`) takes effect here too.
         self.layers = []
         for layer in body.layers:
             a, m = layer.self_attn, layer.mlp
-            q, k = a.q_proj.out_features, a.k_proj.out_features
-            self.layers.append(
-                (
-                    layer.input_layernorm,
-                    _fuse([(a, "q_proj"), (a, "k_proj"), (a, "v_proj")]),
-                    (q, k, k),
-                    a.o_proj,
-                    layer.post_attention_layernorm,
-                    _fuse([(m, "gate_proj"), (m, "up_proj")]),
-                    m.act_fn,
-                    m.down_proj,
-                )
-            )
+            split = (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features)
+            qkv = _fuse([(a, "q_proj"), (a, "k_proj"), (a, "v_proj")])
+            self.layers.append((layer, qkv, split, _fuse([(m, "gate_proj"), (m, "up_proj")])))
         self.head_dim = body.layers[0].self_attn.head_dim
         self.scaling = body.layers[0].self_attn.scaling
 
@@ -138,17 +130,17 @@ class FusedLlama:
         h = body.embed_tokens(ids)
         cos, sin = body.rotary_emb(h, position_ids)
         b, t, d = *ids.shape, self.head_dim
-        for i, (norm1, qkv, split, o_proj, norm2, gate_up, act, down) in enumerate(self.layers):
+        for i, (layer, qkv, split, gate_up) in enumerate(self.layers):
+            norm1, norm2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
             x = F.rms_norm(h, (h.shape[-1],), norm1.weight, norm1.variance_epsilon)
             q, k, v = qkv(x).split(split, -1)
-            q, k = apply_rotary_pos_emb(
-                q.view(b, t, -1, d).transpose(1, 2), k.view(b, t, -1, d).transpose(1, 2), cos, sin
-            )
+            q, k = q.view(b, t, -1, d).transpose(1, 2), k.view(b, t, -1, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             o = attend(i, q, k, v.view(b, t, -1, d).transpose(1, 2))
-            h = h + o_proj(o.reshape(b, t, -1))
+            h = h + layer.self_attn.o_proj(o.reshape(b, t, -1))
             x = F.rms_norm(h, (h.shape[-1],), norm2.weight, norm2.variance_epsilon)
             g, u = gate_up(x).chunk(2, -1)
-            h = h + down(act(g) * u)
+            h = h + mlp.down_proj(mlp.act_fn(g) * u)
         return F.rms_norm(h, (h.shape[-1],), body.norm.weight, body.norm.variance_epsilon)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
