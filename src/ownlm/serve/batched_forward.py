@@ -74,7 +74,7 @@ def engine_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         span = slice(row, row + 1), slice(None), slice(0, start + n)
         o, _ = batch.inner(module, q, key[span], value[span], mask, dropout=dropout, scaling=scaling)
         outs.append(o[0])
-    return torch.cat(outs)[None], None
+    return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None
 
 
 AttentionInterface.register(ENGINE_ATTENTION, engine_attention)
