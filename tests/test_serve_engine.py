@@ -126,6 +126,9 @@ def test_greedy_equals_hf_generate_for_ragged_prompts(model, tokenizer, prompts)
     chunked = make_engine(model, tokenizer, max_prefill_tokens=7)
     assert tokens(chunked.generate(prompts, greedy(24))) == tokens(outs)
     assert chunked.stats().steps >= sum(map(len, prompts)) // 7
+    # A long prompt alone: its first steps compute no logits at all.
+    alone = make_engine(model, tokenizer, max_prefill_tokens=7)
+    assert tokens(alone.generate([prompts[3]], greedy(8))) == [hf_greedy(model, prompts[3], 8)]
 
 
 def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_path):

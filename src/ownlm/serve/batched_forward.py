@@ -114,10 +114,13 @@ def step_logits(
     impl = model.config._attn_implementation
     inner = sdpa_gqa if impl in ("sdpa", "eager") else ALL_ATTENTION_FUNCTIONS[impl]
     batch = StepBatch(inner, r, view, decode_mask, planned)
-    pos_t = torch.tensor(pos, device=device)
-    ids_t = torch.tensor(ids, device=device)[None]
-    keep_t = torch.tensor(keep, device=device)
-    cache.plan_flat(torch.tensor(rows, device=device), pos_t)
+    long = dict(dtype=torch.long, device=device)  # keep can be empty (only unfinished prompt chunks)
+    pos_t, ids_t, keep_t = (
+        torch.tensor(pos, **long),
+        torch.tensor(ids, **long)[None],
+        torch.tensor(keep, **long),
+    )
+    cache.plan_flat(torch.tensor(rows, **long), pos_t)
     if runner is not None:
 
         def attend(layer: int, q, k, v):
