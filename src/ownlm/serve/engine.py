@@ -222,6 +222,7 @@ class Engine(EngineFrontends):
         model, so on CPU its linears get oneDNN-prepacked weights (`packed_linear`) and a
         Llama-layout model runs through the lean `fused_llama` runner."""
         from ownlm.models import load_model, load_tokenizer_for, resolve_model_dir
+        from ownlm.serve.packed_linear import copy_out_of_checkpoint
         from ownlm.serve.packed_linear import pack_linears as pack
 
         if isinstance(dtype, str):
@@ -235,6 +236,7 @@ class Engine(EngineFrontends):
         runner = FusedLlama.build(model) if pack_linears else None  # fuses first: needs plain weights
         if pack_linears:
             pack(model)
+            copy_out_of_checkpoint(model)  # releases the checkpoint's memory map
         return cls(model, load_tokenizer_for(resolved), config, runner=runner)
 
     # ------------------------------------------------------------------------------------------------

@@ -91,6 +91,18 @@ def pack_linears(model: nn.Module) -> int:
     return len(slots)
 
 
+@torch.no_grad()
+def copy_out_of_checkpoint(model: nn.Module) -> None:
+    """Give every remaining parameter and buffer its own memory.
+
+    transformers loads safetensors through a memory map, and the tensors it leaves unpacked (the
+    embedding, norms) still point into it. While one does, the whole mapped file stays resident:
+    measured on SmolLM2-135M after fusing and packing, 627 MB of file-backed RSS on top of 815 MB
+    anonymous. Copying the few unpacked tensors lets the mapping go."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+
+
 @contextmanager
 def packed_linears(model: nn.Module) -> Iterator[int]:
     """`pack_linears` for the duration of a block (sampling from a model that is also trained:
