@@ -24,6 +24,7 @@ compares their logits with plain forwards; a model that does not match is refuse
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,6 +81,14 @@ def engine_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 AttentionInterface.register(ENGINE_ATTENTION, engine_attention)
 
 
+def _attention_function(model, impl: str) -> Callable:
+    if impl != "eager":
+        return ALL_ATTENTION_FUNCTIONS[impl]
+    # eager is not in the registry: each model file has its own (some add soft-capping, ...).
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(sys.modules[type(base).__module__], "eager_attention_forward", sdpa_gqa)
+
+
 def step_logits(
     model,
     cache,
@@ -112,7 +121,7 @@ def step_logits(
         allowed = torch.arange(view, device=device)[None, :] <= lens[:, None]
         decode_mask = additive_mask(allowed[:, None, None], dtype)
     impl = model.config._attn_implementation
-    inner = sdpa_gqa if impl in ("sdpa", "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+    inner = sdpa_gqa if runner is not None or impl == "sdpa" else _attention_function(model, impl)
     batch = StepBatch(inner, r, view, decode_mask, planned)
     long = dict(dtype=torch.long, device=device)  # keep can be empty (only unfinished prompt chunks)
     pos_t, ids_t, keep_t = (
