@@ -88,6 +88,10 @@ def test_what_the_runner_does_not_take(tokenizer):  # noqa: F811
     packed = _llama(tokenizer)
     pack_linears(packed)
     assert "plain nn.Linear" in fusable(packed)
+    mixed = _llama(tokenizer)  # q with a bias, k and v without: one fused bias cannot hold that
+    q = mixed.model.layers[0].self_attn.q_proj
+    q.bias = nn.Parameter(torch.zeros(q.out_features))
+    assert "bias" in fusable(mixed)
 
 
 def test_a_runner_that_does_not_match_falls_back_to_the_model(tokenizer, prompts, caplog):  # noqa: F811
