@@ -32,8 +32,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ownlm.attention import additive_mask, sdpa_gqa
 from ownlm.errors import OwnlmError
-from ownlm.serve.fused_llama import FusedLlama, additive_mask, sdpa_gqa
+from ownlm.serve.fused_llama import FusedLlama
 
 ENGINE_ATTENTION = "ownlm_engine"
 
@@ -129,7 +130,7 @@ def step_logits(
         torch.tensor(ids, **long)[None],
         torch.tensor(keep, **long),
     )
-    cache.plan_flat(torch.tensor(rows, **long), pos_t)
+    cache.plan_flat(torch.tensor(rows, **long), pos_t, max(pos) + 1)
     if runner is not None:
 
         def attend(layer: int, q, k, v):

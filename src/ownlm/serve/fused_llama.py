@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ownlm.attention import additive_mask, sdpa_gqa
 from ownlm.serve.packed_linear import PackedLinear, packing_supported
 
 # Decoder layers identical to Llama's: pre-norm RMSNorm, q/k/v (optional bias), rotary, o_proj,
@@ -59,23 +60,6 @@ def fusable(model: nn.Module) -> str | None:
             if len({x.bias is None for x in group}) > 1:
                 return "some of its projections have a bias and others not"
     return packing_supported(model)
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
-def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA with grouped key/value heads as they are. transformers' sdpa function copies them to
-    every query head whenever a mask is given (`repeat_kv`): measured on the tiny model's decode
-    shapes (32 rows, 65 keys, 4 heads over 2), 199 µs per call against 107 µs here. The engine's
-    attention for sdpa models and the fused runner's (which takes only plain dense Llama layers)."""
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )  # fmt: skip
-    return out.transpose(1, 2), None
 
 
 class FusedPart(nn.Module):

@@ -9,8 +9,8 @@ writes its new keys with one indexed store per layer and returns the whole layer
 attention (`batched_forward.engine_attention`) reads *views* of it ([:B, :, :max_len] for the
 decode rows, one row's prefix for a prompt chunk): nothing is gathered or re-copied per step, and
 the per-step Python work does not grow with context. Rows shorter than `max_len` are padded; the
-engine's 4D masks hide the padding. Memory is accounted as this padded rectangle (rows × longest reservation,
-rounded to `seq_block`), which is exactly what is allocated, so admission control against the
+engine's 4D masks hide the padding. Memory is accounted as this padded rectangle (rows × longest
+reservation, rounded to `seq_block`), which is exactly what is allocated, so admission control against the
 budget can never lead to an out-of-memory error later.
 
 `PrefixCache` keeps KV of prompt prefixes in fixed blocks of `block` tokens (vLLM's scheme): a
@@ -127,11 +127,11 @@ class SlotKVCache(Cache):
             t[:, idx, :, :length] = t[:, src : src + 1, :, :length]
 
     # ---- the forward's writes ---------------------------------------------------------------------------
-    def plan_flat(self, write_rows: torch.Tensor, write_pos: torch.Tensor) -> None:
+    def plan_flat(self, write_rows: torch.Tensor, write_pos: torch.Tensor, view_len: int) -> None:
         """The next forward is one flat [1, T] batch (`batched_forward.step_logits`): token i goes to
-        (write_rows[i], write_pos[i]); `update` returns whole layers and attention slices them."""
-        self._write_rows, self._write_pos = write_rows, write_pos
-        self._view_len = int(write_pos.max()) + 1 if len(write_pos) else 0
+        (write_rows[i], write_pos[i]); `update` returns whole layers and attention slices them.
+        `view_len` (highest position + 1) is what transformers asks the cache for."""
+        self._write_rows, self._write_pos, self._view_len = write_rows, write_pos, view_len
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         t = self.kv[layer_idx]
