@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from test_serve_engine import _build as _llama  # the engine tests' tiny Llama
 from test_serve_engine import greedy, hf_greedy, prompts, tokenizer, tokens  # noqa: F401 (fixtures)
 from torch import nn
 
@@ -14,13 +15,6 @@ from ownlm.serve.fused_llama import FusedLlama, FusedPart, fusable
 from ownlm.serve.packed_linear import pack_linears
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _llama(tok):
-    from ownlm.models import ModelConfig, build_model
-
-    shape = {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 256, "tie_embeddings": False}
-    return build_model(ModelConfig(**shape, init_std=0.1), tok, seed=0).eval()
 
 
 def _hf(kind: str, vocab: int):
