@@ -29,6 +29,7 @@ from ownlm.serve.engine import (
     RequestOutput,
 )
 from ownlm.serve.engine import SamplingParams as EngineParams
+from ownlm.serve.frontends import AsyncFrontend, AsyncRequest
 from ownlm.serve.openai_responses import ToolCallStream
 
 MAX_PENDING = 64
@@ -422,7 +423,7 @@ def test_forced_tool_call_round_trip(client, server):
     assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
-class ScriptedEngine:
+class ScriptedEngine(AsyncFrontend):
     """Replays a fixed reply, cut into pieces, through the API (the parsing path, no model)."""
 
     max_model_len = 512
@@ -451,17 +452,26 @@ class ScriptedEngine:
     def stats(self):
         return EngineStats()
 
-    async def generate_async(self, prompt, params, request_id=None, *, stream=True):
-        text = ""
-        for i, piece in enumerate(self.pieces):
-            text += piece
-            last = i == len(self.pieces) - 1
-            c = CompletionOutput(
-                0, text, piece, list(range(i + 1)), [i], None, None, "stop" if last else None
-            )
-            if stream or last:
-                yield RequestOutput(request_id, [0], [c], last, RequestMetrics(arrival=0.0, prompt_tokens=3))
-            await asyncio.sleep(0)
+    async def submit(self, prompt, params=None, request_id=None, *, stream=True):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def feed():
+            text = ""
+            for i, piece in enumerate(self.pieces):
+                text += piece
+                last = i == len(self.pieces) - 1
+                c = CompletionOutput(
+                    0, text, piece, list(range(i + 1)), [i], None, None, "stop" if last else None
+                )
+                if stream or last:
+                    out = RequestOutput(
+                        request_id, [0], [c], last, RequestMetrics(arrival=0.0, prompt_tokens=3)
+                    )
+                    queue.put_nowait(out)
+                await asyncio.sleep(0)
+
+        self.feeding = asyncio.ensure_future(feed())
+        return AsyncRequest(request_id, queue, self.abort)
 
 
 REPLY = 'Let me compute. <tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}</tool_call>'

@@ -222,11 +222,20 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(min=1, help="torch threads (default: cores - 1, leaving one to HTTP).")
     ] = None,
+    engine_process: Annotated[
+        bool,
+        typer.Option(
+            "--engine-process/--in-process",
+            help="Run the engine in its own process (default; the HTTP layer and the engine then "
+            "do not share Python's GIL) or as a thread of the server process.",
+        ),
+    ] = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
     from ownlm.models import builtin_model
     from ownlm.serve.api import run_server
     from ownlm.serve.engine import Engine, EngineConfig
+    from ownlm.serve.engine_process import EngineProcess
 
     path = _model_path(Path(model))
     if builtin_model(model) is None and not path.exists():
@@ -238,14 +247,18 @@ def serve(
         max_model_len=max_model_len,
     )
 
-    def load() -> Engine:
-        import os
+    import os
 
+    # A torch thread per core would spin against the event loop's thread: on 2 cores measured
+    # 12-20x slower streaming than 1 thread (bench/serve.py).
+    n_threads = threads or max(1, (os.cpu_count() or 2) - 1)
+
+    def load() -> Engine | EngineProcess:
+        if engine_process:
+            return EngineProcess(path, dtype=dtype, config=config, threads=n_threads)
         import torch
 
-        # A torch thread per core would spin against the event loop's thread: on 2 cores measured
-        # 12-20x slower streaming than 1 thread (bench/serve.py).
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(n_threads)
         return Engine.from_pretrained(path, dtype=dtype, config=config)
 
     print(f"serving {path} as {name!r} on http://{host}:{port}/v1", file=sys.stderr)

@@ -47,6 +47,7 @@ from fastapi.responses import Response
 from ownlm.errors import OwnlmError
 from ownlm.serve.api_errors import TEMPLATE_ERRORS, APIError, api_error_response, error_response, parse_body
 from ownlm.serve.engine import Engine
+from ownlm.serve.engine_process import EngineProcess
 from ownlm.serve.metrics import Metrics, OutermostMiddleware
 from ownlm.serve.openai_requests import (
     chat_messages,
@@ -81,32 +82,40 @@ ROUTES = (
 
 
 def create_app(
-    engine: Engine | Callable[[], Engine],
+    engine: Engine | EngineProcess | Callable[[], Engine | EngineProcess],
     *,
     served_model_name: str,
     max_pending: int = 1024,
     on_load_error: Callable[[BaseException], None] | None = None,
     freeze_gc: bool = False,
 ) -> FastAPI:
-    """The API app. `engine` is an Engine, or a function that loads one (called in a background
-    thread at startup; /health says 503 until it returns). At most `max_pending` generation
-    requests are served at once; more get 503. `freeze_gc`: move everything alive once the model is
-    loaded out of the garbage collector's reach (`gc.freeze`; for a server process)."""
+    """The API app. `engine` is an Engine (in this process), an EngineProcess (the engine in its
+    own process), or a function that loads either (called in a background thread at startup;
+    /health says 503 until it returns). At most `max_pending` generation requests are served at
+    once; more get 503. `freeze_gc`: move everything alive once the model is loaded out of the
+    garbage collector's reach (`gc.freeze`; for a server process)."""
     metrics = Metrics()
     state = ServerState(served_model_name, max_pending, metrics)
+    loaded = not callable(engine)  # an engine (or a stand-in), not a loader
 
-    def load() -> None:
+    def go_live(e: Engine | EngineProcess) -> None:  # on the event loop (EngineProcess reads there)
+        e.start()
+        state.engine = e
+        log.info("serving %s", served_model_name)
+
+    def load(loop: asyncio.AbstractEventLoop) -> None:
         try:
-            e = engine() if callable(engine) and not isinstance(engine, Engine) else engine
+            e = engine if loaded else engine()
             e.add_listener(on_finish=metrics.on_finish)
             if freeze_gc:
                 # Everything loaded so far lives as long as the server: keep it out of the
                 # collector's full passes (shorter GC pauses while serving).
                 gc.collect()
                 gc.freeze()
-            e.start()
-            state.engine = e
-            log.info("serving %s", served_model_name)
+            if loaded:
+                go_live(e)
+            else:
+                loop.call_soon_threadsafe(go_live, e)
         except BaseException as exc:  # reported by /health and every route
             if isinstance(exc, OwnlmError):
                 log.error("could not load the model: %s", exc)
@@ -118,10 +127,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if isinstance(engine, Engine):
-            load()
+        loop = asyncio.get_running_loop()
+        if loaded:
+            load(loop)
         else:
-            threading.Thread(target=load, name="ownlm-load", daemon=True).start()
+            threading.Thread(target=load, args=(loop,), name="ownlm-load", daemon=True).start()
         yield
         if state.engine is not None:
             state.engine.shutdown()
@@ -335,7 +345,7 @@ def create_app(
 
 
 def run_server(
-    load: Callable[[], Engine],
+    load: Callable[[], Engine | EngineProcess],
     *,
     served_model_name: str,
     host: str = "127.0.0.1",

@@ -78,10 +78,10 @@ import torch
 from ownlm.errors import OwnlmError
 from ownlm.serve.batched_forward import Chunk, check_batched_forward, step_logits
 from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
-from ownlm.serve.frontends import EngineFrontends
+from ownlm.serve.frontends import EngineFrontends, encode_prompt
 from ownlm.serve.fused_llama import FusedLlama
 from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
-from ownlm.serve.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from ownlm.serve.outputs import CompletionOutput, EngineError, EngineStats, RequestMetrics, RequestOutput
 from ownlm.serve.request_state import RequestState, SequenceState
 from ownlm.serve.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample
 from ownlm.serve.scheduler import RequestRejected, Scheduler
@@ -105,10 +105,6 @@ __all__ = [
 ]
 
 SUPPORTED_ATTENTION = {"sdpa", "eager", "ownlm_topk", "ownlm_sliding"}
-
-
-class EngineError(OwnlmError):
-    """The engine failed while running a request (the request is finished with this error)."""
 
 
 @dataclass
@@ -243,17 +239,8 @@ class Engine(EngineFrontends):
     # Public interface
 
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a prompt: a string (the tokenizer's special tokens added, e.g. BOS), token
-        ids, or chat messages (rendered with the chat template, `tools` listed, and the generation
-        prompt; as `ownlm chat` renders them)."""
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        if prompt and isinstance(prompt[0], dict):
-            text = self.tokenizer.apply_chat_template(
-                prompt, tools=tools or None, tokenize=False, add_generation_prompt=True
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return [int(t) for t in prompt]
+        """Token ids of a prompt (`frontends.encode_prompt`)."""
+        return encode_prompt(self.tokenizer, prompt, tools)
 
     def _admissible(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt's ids and the request's max_tokens, or RequestRejected."""
@@ -281,9 +268,11 @@ class Engine(EngineFrontends):
         request_id: str | None = None,
         *,
         sink=None,
+        arrival: float | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises RequestRejected (an OwnlmError) at once when it
-        can never run, and OwnlmError for invalid parameters."""
+        can never run, and OwnlmError for invalid parameters. `arrival` (time.perf_counter(), which
+        is system-wide on Linux): when the request arrived, if before this call (another process)."""
         params = params or SamplingParams()
         params.validate()
         try:
@@ -293,7 +282,7 @@ class Engine(EngineFrontends):
             raise
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
-        req = RequestState(rid, ids, params, max_tokens, sink or CollectSink(), stop_ids)
+        req = RequestState(rid, ids, params, max_tokens, sink or CollectSink(), stop_ids, arrival)
         with self._work:
             if rid in self._requests:
                 raise OwnlmError(f"request id {rid!r} is already in use")
@@ -368,11 +357,16 @@ class Engine(EngineFrontends):
                     self._work.wait()
                 if self._stopping:
                     return
-            try:
-                self.step()
-            except Exception as e:  # keep serving: fail everything in flight, waiting ones too
-                log.exception("engine: step failed")
-                self._fail_all(e)
+            self.step_or_fail()
+
+    def step_or_fail(self) -> None:
+        """`step`, and if it raises, fail every request in flight, waiting ones too (a serving
+        loop keeps going)."""
+        try:
+            self.step()
+        except Exception as e:
+            log.exception("engine: step failed")
+            self._fail_all(e)
 
     # ------------------------------------------------------------------------------------------------
     # The step
@@ -618,11 +612,6 @@ class Engine(EngineFrontends):
             cb(arg)
         except Exception:  # a metrics hook must never stop the engine
             log.exception("engine: metrics listener %r failed", cb)
-
-    def _raise_error(self, out: RequestOutput) -> RequestOutput:
-        if out.error is not None:
-            raise EngineError(f"request {out.request_id} failed: {out.error}")
-        return out
 
     def _fail_running(self, error: Exception, touched: dict[str, RequestState]) -> None:
         msg = f"{type(error).__name__}: {error}"

@@ -1,8 +1,12 @@
 """The ways to consume the engine: whole results (`generate`), sync streaming (`stream`, driving the
-engine in the calling thread when no loop runs) and async streaming (`generate_async`, for the HTTP
-layer). They only submit requests, step or wait, and abort what the consumer abandons; `Engine`
-(engine.py) inherits them and does the scheduling and the forwards. `embed` (mean-pooled hidden
-states) runs its own forward between engine steps."""
+engine in the calling thread when no loop runs) and async streaming (`submit` / `generate_async`,
+for the HTTP layer). They only submit requests, step or wait, and abort what the consumer abandons;
+`Engine` (engine.py) inherits them and does the scheduling and the forwards. `embed` (mean-pooled
+hidden states) runs its own forward between engine steps.
+
+The async pair is shared with `engine_process.EngineProcess` (the engine in its own process): both
+implement `submit`, which raises submission errors at once and returns an `AsyncRequest`, and
+inherit `generate_async` from `AsyncFrontend`. `encode_prompt` is how both turn a prompt into ids."""
 
 from __future__ import annotations
 
@@ -21,9 +25,77 @@ if TYPE_CHECKING:  # engine.py imports this module
     from ownlm.serve.sampling import SamplingParams
 
 
-class EngineFrontends:
-    """Mixed into `Engine`: uses its add_request, step, abort, start, running_in_background and
-    _raise_error (and for `embed` its model, runner, encode and step lock)."""
+def encode_prompt(tokenizer, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a prompt: a string (the tokenizer's special tokens added, e.g. BOS), token ids,
+    or chat messages (rendered with the chat template, `tools` listed, and the generation prompt;
+    as `ownlm chat` renders them)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if prompt and isinstance(prompt[0], dict):
+        text = tokenizer.apply_chat_template(
+            prompt, tools=tools or None, tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [int(t) for t in prompt]
+
+
+class AsyncRequest:
+    """One submitted request as seen from an event loop: its outputs (`outputs()`, raising
+    EngineError for a failed request) and `close()`, which aborts it unless it has finished."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, abort) -> None:
+        self.request_id = request_id
+        self.queue = queue
+        self._abort = abort
+        self.finished = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            out = (await self.queue.get()).raise_if_failed()
+            self.finished = out.finished
+            yield out
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._abort(self.request_id)
+
+
+class AsyncFrontend:
+    """`generate_async` over a `submit` (the in-process engine's or the engine process client's)."""
+
+    async def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        stream: bool = True,
+    ) -> AsyncRequest:
+        raise NotImplementedError
+
+    async def generate_async(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        stream: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """The outputs of one request as an async iterator (stream=False: only the final one).
+        If the consumer stops early (client disconnect, task cancelled), the request is aborted.
+        Submission errors raise on the first iteration."""
+        req = await self.submit(prompt, params, request_id, stream=stream)
+        try:
+            async for out in req.outputs():
+                yield out
+        finally:
+            req.close()
+
+
+class EngineFrontends(AsyncFrontend):
+    """Mixed into `Engine`: uses its add_request, step, abort, start and running_in_background (and
+    for `embed` its model, runner, encode and step lock)."""
 
     def embed(self, prompts: list[Prompt], batch_size: int = 32) -> list[list[float]]:
         """One vector per prompt: the last hidden states mean-pooled over the prompt's tokens (BOS
@@ -71,13 +143,13 @@ class EngineFrontends:
             sinks = [QueueSink(stream=False) for _ in batch]
             for p, sp, s in zip(batch, plist, sinks, strict=True):
                 self.add_request(p, sp, sink=s)
-            return [self._raise_error(s.queue.get()) for s in sinks]
+            return [s.queue.get().raise_if_failed() for s in sinks]
         sinks = [CollectSink() for _ in batch]
         for p, sp, s in zip(batch, plist, sinks, strict=True):
             self.add_request(p, sp, sink=s)
         while any(s.result is None for s in sinks):
             self.step()
-        return [self._raise_error(s.result) for s in sinks]
+        return [s.result.raise_if_failed() for s in sinks]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None):
         """Sync streaming: RequestOutputs as tokens arrive (driving the engine when no loop runs).
@@ -93,7 +165,7 @@ class EngineFrontends:
                 if not self.running_in_background:
                     while sink.queue.empty():
                         self.step()
-                out = self._raise_error(sink.queue.get())
+                out = sink.queue.get().raise_if_failed()
                 yield out
                 if out.finished:
                     done = True
@@ -102,28 +174,17 @@ class EngineFrontends:
             if not done:
                 self.abort(rid)
 
-    async def generate_async(
+    async def submit(
         self,
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         *,
         stream: bool = True,
-    ) -> AsyncIterator[RequestOutput]:
-        """The outputs of one request as an async iterator (stream=False: only the final one).
-        Starts the background loop if needed. If the consumer stops early (client disconnect,
-        task cancelled), the request is aborted. Validation errors raise on the first iteration."""
+    ) -> AsyncRequest:
+        """Queue a request whose outputs go to this event loop (stream=False: only the final one);
+        starts the background loop if needed. RequestRejected / OwnlmError raise here."""
         self.start()
         sink = AsyncSink(asyncio.get_running_loop(), stream)
         rid = self.add_request(prompt, params, request_id, sink=sink)
-        done = False
-        try:
-            while True:
-                out = self._raise_error(await sink.queue.get())
-                yield out
-                if out.finished:
-                    done = True
-                    return
-        finally:
-            if not done:
-                self.abort(rid)
+        return AsyncRequest(rid, sink.queue, self.abort)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ownlm.errors import OwnlmError
 from ownlm.serve.sampling import TokenLogprob
+
+
+class EngineError(OwnlmError):
+    """The engine failed while running a request (the request is finished with this error)."""
 
 
 @dataclass
@@ -54,6 +59,11 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None
+
+    def raise_if_failed(self) -> RequestOutput:
+        if self.error is not None:
+            raise EngineError(f"request {self.request_id} failed: {self.error}")
+        return self
 
 
 @dataclass

@@ -125,7 +125,14 @@ class RequestState:
     """One request from submission to its last output."""
 
     def __init__(
-        self, rid: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int, sink, stop_ids
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        sink,
+        stop_ids,
+        arrival: float | None = None,
     ):
         self.id = rid
         self.prompt_ids = prompt_ids
@@ -136,7 +143,7 @@ class RequestState:
         self.sink = sink
         self.stop_ids = frozenset(() if params.ignore_eos else stop_ids)
         self.stops = StopMatcher(list(params.stop or []))
-        self.metrics = RequestMetrics(arrival=time.perf_counter(), prompt_tokens=len(prompt_ids))
+        self.metrics = RequestMetrics(arrival=arrival or time.perf_counter(), prompt_tokens=len(prompt_ids))
         self.seqs: list[SequenceState] = []
         self.prefilled = 0  # prompt tokens in the first sequence's row
         self.prefix_chain: list[int] = []

@@ -7,6 +7,7 @@ import time
 
 from ownlm.serve.api_errors import APIError
 from ownlm.serve.engine import Engine
+from ownlm.serve.engine_process import EngineProcess
 from ownlm.serve.metrics import Metrics
 
 
@@ -18,7 +19,7 @@ class ServerState:
         self.model_name = model_name
         self.max_pending = max_pending
         self.metrics = metrics
-        self.engine: Engine | None = None
+        self.engine: Engine | EngineProcess | None = None
         self.load_error: str | None = None
         self.pending = 0
         self.created = int(time.time())
@@ -27,7 +28,10 @@ class ServerState:
         self._token_text: dict[int, tuple[str, list[int]]] = {}
         self._token_bytes = None
 
-    def ready(self) -> Engine:
+    def ready(self) -> Engine | EngineProcess:
+        dead = getattr(self.engine, "dead", None)  # an EngineProcess whose process is gone
+        if dead is not None:
+            raise APIError(503, f"the engine is not running: {dead}", code="engine_dead")
         if self.engine is None:
             if self.load_error:
                 raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")

@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.api_errors import APIError
-from ownlm.serve.engine import Engine, EngineError, RequestOutput, RequestRejected, SamplingParams
+from ownlm.serve.engine import EngineError, RequestOutput, RequestRejected, SamplingParams
+from ownlm.serve.frontends import AsyncRequest
 from ownlm.serve.server_state import ServerState
 
 
@@ -75,46 +76,20 @@ async def unless_disconnected(request: Request, coro):
     return work.result()
 
 
-class Submitted:
-    """One engine request: its outputs, and `close()` that aborts it if it is still running."""
-
-    def __init__(self, engine: Engine, rid: str, gen, first: asyncio.Future):
-        self.engine, self.rid, self.gen, self.first = engine, rid, gen, first
-
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
-        out = await self.first
-        yield out
-        while not out.finished:
-            out = await self.gen.__anext__()
-            yield out
-
-    async def close(self) -> None:
-        self.engine.abort(self.rid)  # a no-op once finished
-        if not self.first.done():
-            self.first.cancel()
-            with suppress(BaseException):
-                await self.first
-        with suppress(BaseException):  # "already running" when a task still iterates it: aborted anyway
-            await self.gen.aclose()
+async def submit(engine, prompt, params: SamplingParams, rid: str, stream: bool) -> AsyncRequest:
+    """Queue a request in the engine (in this process or its own). Submission errors
+    (RequestRejected, invalid parameters) are raised here, before any response is sent."""
+    try:
+        return await engine.submit(prompt, params, request_id=rid, stream=stream)
+    except RequestRejected as exc:
+        raise APIError(400, str(exc), code="request_too_large") from None
+    except EngineError:
+        raise
+    except OwnlmError as exc:
+        raise APIError(400, str(exc)) from None
 
 
-async def submit(engine: Engine, prompt, params: SamplingParams, rid: str, stream: bool) -> Submitted:
-    """Queue a request in the engine. Submission errors (RequestRejected, invalid parameters) are
-    raised here, before any response is sent."""
-    gen = engine.generate_async(prompt, params, request_id=rid, stream=stream)
-    first = asyncio.ensure_future(gen.__anext__())
-    await asyncio.sleep(0)  # the task runs up to its first await: add_request has run by now
-    if first.done() and first.exception() is not None:
-        exc = first.exception()
-        if isinstance(exc, RequestRejected):
-            raise APIError(400, str(exc), code="request_too_large")
-        if isinstance(exc, OwnlmError) and not isinstance(exc, EngineError):
-            raise APIError(400, str(exc))
-        raise exc
-    return Submitted(engine, rid, gen, first)
-
-
-async def merge_outputs(subs: list[Submitted]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge_outputs(subs: list[AsyncRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from several requests as they come."""
     if len(subs) == 1:
         async for out in subs[0].outputs():
@@ -122,7 +97,7 @@ async def merge_outputs(subs: list[Submitted]) -> AsyncIterator[tuple[int, Reque
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, sub: Submitted) -> None:
+    async def pump(i: int, sub: AsyncRequest) -> None:
         try:
             async for out in sub.outputs():
                 queue.put_nowait((i, out, None))
@@ -144,9 +119,9 @@ async def merge_outputs(subs: list[Submitted]) -> AsyncIterator[tuple[int, Reque
             t.cancel()
 
 
-async def _close_all(subs: list[Submitted]) -> None:
+def _close_all(subs: list[AsyncRequest]) -> None:
     for sub in subs:
-        await sub.close()
+        sub.close()
 
 
 async def run_generation(
@@ -156,24 +131,24 @@ async def run_generation(
     make_params: Callable[[], SamplingParams],
     rid: str,
     stream: bool,
-    respond: Callable[[list[Submitted]], AsyncIterator[str]],
+    respond: Callable[[list[AsyncRequest]], AsyncIterator[str]],
 ):
     """Submit one engine request per prompt, then either stream (`respond(subs)` gives the SSE
     chunks) or wait for the final outputs (aborted if the client goes away)."""
     state.acquire()
-    subs: list[Submitted] = []
+    subs: list[AsyncRequest] = []
     try:
         for i, x in enumerate(prompts):
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
             subs.append(await submit(state.engine, x, make_params(), sub_id, stream))
     except BaseException:
-        await _close_all(subs)
+        _close_all(subs)
         state.release()
         raise
     if stream:
 
         async def cleanup() -> None:
-            await _close_all(subs)
+            _close_all(subs)
             state.release()
 
         return SSEResponse(
@@ -192,5 +167,5 @@ async def run_generation(
     try:
         return await unless_disconnected(request, collect())
     finally:
-        await _close_all(subs)
+        _close_all(subs)
         state.release()

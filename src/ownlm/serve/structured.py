@@ -131,7 +131,7 @@ class Structured:
 
     # ---- the sampling hook --------------------------------------------------------------------------
 
-    def allowed_tokens(self, grammar: str, n: int = 1) -> Callable[[], _Mask]:
+    def allowed_tokens(self, grammar: str, n: int = 1) -> GrammarMasks:
         """Check the grammar and build the matchers of a request's `n` sequences now (compiling
         can take milliseconds: better in the request's thread than in the engine's step); the
         returned factory hands one to each sequence."""
@@ -140,15 +140,59 @@ class Structured:
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
             raise GrammarError(f"cannot compile the output grammar: {messages[0] if messages else '?'}")
-        matchers = [LLMatcher(self.tokenizer, grammar, log_level=0) for _ in range(n)]
-        for m in matchers:
+        return GrammarMasks(self, grammar, n)
+
+    def matcher(self, grammar: str):
+        from llguidance import LLMatcher
+
+        return LLMatcher(self.tokenizer, grammar, log_level=0)
+
+
+# The engine process's grammars (`use_in_this_process`): where a request's masks are rebuilt when
+# its SamplingParams arrive from the API process.
+_process_structured: Callable[[], Structured] | None = None
+
+
+def use_in_this_process(make: Callable[[], Structured]) -> None:
+    """Rebuild unpickled GrammarMasks with the Structured that `make` returns (called once)."""
+    global _process_structured
+    made: list[Structured] = []
+    lock = threading.Lock()
+
+    def get() -> Structured:
+        with lock:
+            if not made:
+                made.append(make())
+            return made[0]
+
+    _process_structured = get
+
+
+class GrammarMasks:
+    """A request's per-sequence mask factory (`SamplingParams.allowed_tokens`). It pickles as its
+    grammar: the engine process rebuilds the matchers for its own tokenizer (vLLM likewise
+    compiles grammars in its engine core), since a matcher cannot cross processes."""
+
+    def __init__(self, structured: Structured, grammar: str, n: int):
+        self.structured = structured
+        self.grammar = grammar
+        self.n = n
+        self._matchers = [structured.matcher(grammar) for _ in range(n)]
+        for m in self._matchers:
             if m.is_error():
                 raise GrammarError(f"cannot compile the output grammar: {m.get_error()}")
-        lock = self._lock
+        self._lock = threading.Lock()
 
-        def factory() -> _Mask:
-            with lock:
-                matcher = matchers.pop() if matchers else LLMatcher(self.tokenizer, grammar, log_level=0)
-            return _Mask(matcher, self.vocab_size)
+    def __call__(self) -> _Mask:
+        with self._lock:
+            matcher = self._matchers.pop() if self._matchers else self.structured.matcher(self.grammar)
+        return _Mask(matcher, self.structured.vocab_size)
 
-        return factory
+    def __reduce__(self):
+        return _rebuild_masks, (self.grammar, self.n)
+
+
+def _rebuild_masks(grammar: str, n: int) -> GrammarMasks:
+    if _process_structured is None:
+        raise OwnlmError("structured outputs: this process has no engine to build grammar masks for")
+    return GrammarMasks(_process_structured(), grammar, n)
