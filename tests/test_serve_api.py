@@ -721,7 +721,8 @@ def test_serve_command_rejects_a_missing_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_command_end_to_end(tmp_path, model, tokenizer):
+@pytest.mark.parametrize("mode", ["--engine-process", "--in-process"])
+def test_serve_command_end_to_end(tmp_path, model, tokenizer, mode):
     import os
     import socket
     import subprocess
@@ -733,7 +734,7 @@ def test_serve_command_end_to_end(tmp_path, model, tokenizer):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OWNLM_QUIET": "1"}
-    cmd = [sys.executable, "-m", "ownlm.cli", "serve", str(run), "--port", str(port), "--threads", "1"]
+    cmd = [sys.executable, "-m", "ownlm.cli", "serve", str(run), "--port", str(port), "--threads", "1", mode]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

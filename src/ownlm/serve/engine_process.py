@@ -264,9 +264,9 @@ class EngineProcess(AsyncFrontend):
             if remote is None:
                 continue
             completions = []
-            for index, delta, delta_ids, delta_lps, finish_reason, stop_reason, final_text in seqs:
+            for index, delta, delta_ids, delta_lps, finish_reason, stop_reason in seqs:
                 acc = remote.seqs.setdefault(index, ["", [], None if delta_lps is None else []])
-                acc[0] = final_text if final_text is not None else acc[0] + delta
+                acc[0] += delta  # the engine's text is its deltas joined (request_state)
                 acc[1] += delta_ids
                 if delta_lps is not None:
                     acc[2] += delta_lps
@@ -442,15 +442,7 @@ def _reply(engine: Engine, conn, kind: str, token: int, args: tuple) -> None:
 def _pack(out: RequestOutput) -> tuple:
     """An output as the wire carries it: what is new since the request's previous output."""
     seqs = [
-        (
-            c.index,
-            c.delta,
-            c.delta_token_ids,
-            c.delta_logprobs,
-            c.finish_reason,
-            c.stop_reason,
-            c.text if out.finished else None,
-        )
+        (c.index, c.delta, c.delta_token_ids, c.delta_logprobs, c.finish_reason, c.stop_reason)
         for c in out.outputs
     ]
     return (out.request_id, out.finished, out.error, seqs, out.metrics if out.finished else None)

@@ -1,0 +1,199 @@
+"""The engine in its own process (`EngineProcess`) behind the API: the same answers as the
+in-process engine (through two real servers on the same model directory), grammar masks rebuilt in
+the engine process, rejections from the engine as 400s, aborts on disconnect, and a dead engine
+process reported as 503s while the server stays up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from test_serve_api import SCHEMA, USER, Server, healthy, model, tokenizer, wait_idle  # noqa: F401
+
+from ownlm.errors import OwnlmError
+from ownlm.serve.api import create_app
+from ownlm.serve.engine import Engine, EngineConfig, EngineError, SamplingParams
+from ownlm.serve.engine_process import EngineProcess
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def config() -> EngineConfig:
+    return EngineConfig(kv_cache_tokens=16 * 512, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tokenizer, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("served")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def remote(model_dir):
+    engine = EngineProcess(model_dir, config=config(), threads=1)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(remote):
+    s = Server(create_app(remote, served_model_name="tiny"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def local_server(model_dir):
+    """The reference: the same model directory, loaded the same way, in this process."""
+    s = Server(create_app(Engine.from_pretrained(model_dir, config=config()), served_model_name="tiny"))
+    yield s
+    s.stop()
+
+
+def _answers(c: openai.OpenAI) -> list:
+    """Greedy and seeded requests (n, logprobs, a stop string, streaming), reduced to plain data."""
+    got = []
+    for kw in (
+        dict(max_tokens=24, temperature=0),
+        dict(max_tokens=16, temperature=1.0, seed=7, n=3, logprobs=True, top_logprobs=2),
+        dict(max_tokens=30, temperature=0, stop=["e"]),
+    ):
+        r = c.chat.completions.create(model="tiny", messages=USER, **kw)
+        for ch in r.choices:
+            lps = [(t.token, round(t.logprob, 4)) for t in ch.logprobs.content] if ch.logprobs else None
+            got.append((ch.index, ch.message.content, ch.finish_reason, lps))
+        got.append((r.usage.prompt_tokens, r.usage.completion_tokens))
+    stream = c.completions.create(
+        model="tiny",
+        prompt="def wrap(text):",
+        max_tokens=20,
+        temperature=0.8,
+        seed=5,
+        stream=True,
+        n=2,
+        logprobs=1,
+        stream_options={"include_usage": True},
+    )
+    pieces: dict[int, str] = {}
+    for ch in stream:
+        for x in ch.choices:
+            pieces[x.index] = pieces.get(x.index, "") + x.text
+            got.append((x.index, x.logprobs.tokens if x.logprobs else None, x.finish_reason))
+        if ch.usage:
+            got.append(ch.usage.completion_tokens)
+    got.append(sorted(pieces.items()))
+    return got
+
+
+def test_answers_equal_the_in_process_engine(server, local_server):
+    ours = _answers(server.client())
+    assert ours == _answers(local_server.client())
+    assert any(text for _, text, *_ in ours[:1])  # the model does write something
+
+
+def test_embeddings_equal_the_in_process_engine(server, local_server):
+    texts = ["the quick brown fox", "a", "def wrap(text, width):"]
+    a = server.client().embeddings.create(model="tiny", input=texts)
+    b = local_server.client().embeddings.create(model="tiny", input=texts)
+    for x, y in zip(a.data, b.data, strict=True):
+        assert x.embedding == pytest.approx(y.embedding, abs=1e-5)
+    assert math.isclose(sum(v * v for v in a.data[0].embedding), 1.0, rel_tol=1e-4)
+
+
+def test_json_schema_masks_are_built_in_the_engine_process(server):
+    r = server.client().chat.completions.create(
+        model="tiny",
+        messages=USER,
+        max_tokens=120,
+        temperature=1.0,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_the_engine_process_rejects_with_400s(server, remote):
+    c = server.client()
+    with pytest.raises(openai.BadRequestError) as e:  # n above the engine's max_num_seqs (16)
+        c.chat.completions.create(model="tiny", messages=USER, max_tokens=4, n=17)
+    assert e.value.code == "request_too_large" and "max_num_seqs" in e.value.message
+    with pytest.raises(openai.BadRequestError):  # checked in the API process
+        c.chat.completions.create(model="tiny", messages=USER, max_tokens=4, temperature=-1)
+    assert remote.stats().requests_rejected >= 1
+    assert c.chat.completions.create(model="tiny", messages=USER, max_tokens=2).choices
+    assert healthy(server)
+
+
+def test_disconnect_aborts_in_the_engine_process_and_metrics_arrive(server, remote):
+    before = remote.stats()
+    body = {"model": "tiny", "messages": USER, "max_tokens": 480, "ignore_eos": True, "stream": True, "n": 8}
+    with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        got = [ln for ln, _ in zip(r.iter_lines(), range(12), strict=False) if ln.startswith("data:")]
+        assert len(got) >= 3
+    after = wait_idle(remote)
+    assert after.running_requests == 0 and after.kv_tokens_used == 0
+    assert after.requests_finished.get("abort", 0) == before.requests_finished.get("abort", 0) + 8
+    assert after.generation_tokens - before.generation_tokens < 8 * 480  # stopped early
+    metrics = httpx.get(server.url + "/metrics").text
+    finished = [ln for ln in metrics.splitlines() if ln.startswith("ownlm_request_success_total")]
+    assert any('finished_reason="abort"' in ln and float(ln.split()[-1]) >= 8 for ln in finished)
+    assert server.app.state.ownlm.pending == 0
+
+
+def test_concurrent_async_streams(server):
+    async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
+        msgs = [{"role": "user", "content": f"question {i}"}]
+        stream = await c.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True
+        )
+        streamed = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+        whole = await c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+        return streamed, whole.choices[0].message.content
+
+    async def main():
+        async with server.async_client() as c:
+            return await asyncio.gather(*(one(c, i) for i in range(24)))
+
+    for streamed, whole in asyncio.run(main()):
+        assert streamed == whole
+
+
+def test_a_dead_engine_process_gives_503s_and_the_server_stays_up(model_dir):
+    engine = EngineProcess(model_dir, config=config(), threads=1)
+    s = Server(create_app(engine, served_model_name="tiny"))
+    try:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as h, h.stream("POST", s.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data:"))
+            engine.process.kill()
+            rest = [ln for ln in lines if ln.startswith("data:")]
+        assert '"server_error"' in rest[-2] and rest[-1] == "data: [DONE]"  # the stream ends with the error
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
+        with pytest.raises(openai.APIStatusError) as e:
+            s.client().chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        assert e.value.status_code == 503
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        assert s.app.state.ownlm.pending == 0
+        with pytest.raises(EngineError):
+            asyncio.run(engine.submit("x", SamplingParams(max_tokens=1)))
+    finally:
+        s.stop()
+
+
+def test_load_errors_name_the_model(tmp_path):
+    with pytest.raises(OwnlmError, match="nope"):
+        EngineProcess(tmp_path / "nope", threads=1)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(OwnlmError, match="could not load the model|broken"):
+        EngineProcess(tmp_path / "broken", threads=1)
