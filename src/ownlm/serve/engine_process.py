@@ -49,6 +49,7 @@ import itertools
 import logging
 import pickle
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -353,6 +354,9 @@ class _ForwardSink:
 def child_main() -> None:
     """The engine process's entry point: its pipe's file descriptor is the last argument, and
     the first message on it says what to load."""
+    # Ctrl-C in a terminal reaches the whole process group: the API process decides when the
+    # engine stops (it sends "shutdown" or closes the pipe), so the engine does not die mid-step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(int(sys.argv[-1]))
     try:
         model, dtype, config, threads, log_level = conn.recv()
