@@ -6,9 +6,11 @@
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both streaming as OpenAI's SSE chunks,
 `data: [DONE]` last), `POST /v1/embeddings`, `GET /v1/models`, and vLLM's `POST /tokenize`,
 `POST /detokenize`, `GET /health`, `GET /metrics` (Prometheus). Everything that touches the model
-goes through the `Engine`: generation (`generate_async`), prompt rendering (`encode`), embeddings
-(`embed`). The engine is loaded in a background thread at startup, so `/health` answers at once:
-503 while loading, 200 once it is ready.
+goes through the engine: generation (`submit`), prompt rendering (`encode`), embeddings (`embed`).
+The engine is an `Engine` in this process or an `EngineProcess` (the engine in a child process,
+`ownlm serve`'s default; engine_process.py says why). It is loaded in a background thread at
+startup, so `/health` answers at once: 503 while loading (or once an engine process is gone), 200
+once it is ready.
 
 Tool calls: a request's `tools` are rendered by the chat template; the reply is split with
 `ownlm.tools.parse_tool_calls` into `message.tool_calls` (finish_reason "tool_calls"). When
