@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_serve_api import SCHEMA, USER, Server, healthy, model, tokenizer, wait_idle  # noqa: F401
+from test_serve_api import SCHEMA, USER, Server, hammer, healthy, model, tokenizer, wait_idle  # noqa: F401
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.api import create_app
@@ -164,6 +164,12 @@ def test_concurrent_async_streams(server):
 
     for streamed, whole in asyncio.run(main()):
         assert streamed == whole
+
+
+def test_many_concurrent_connections(server, remote):
+    """The issue's 1,000 connections against the engine process: 200s or OpenAI-shaped 503s, then
+    both processes back to baseline."""
+    hammer(server, remote, max_pending=1024, pids=(remote.process.pid,))
 
 
 def test_a_dead_engine_process_gives_503s_and_the_server_stays_up(model_dir):
