@@ -203,3 +203,16 @@ def test_load_errors_name_the_model(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(OwnlmError, match="could not load the model|broken"):
         EngineProcess(tmp_path / "broken", threads=1)
+
+
+def test_the_api_process_does_not_import_torch():
+    """What keeps the API process small (~115 MB instead of ~410 MB with torch loaded)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ownlm.cli, ownlm.serve.api, ownlm.serve.engine_process, ownlm.serve.structured;"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

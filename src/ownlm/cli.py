@@ -234,7 +234,7 @@ def serve(
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
     from ownlm.models import builtin_model
     from ownlm.serve.api import run_server
-    from ownlm.serve.engine import Engine, EngineConfig
+    from ownlm.serve.engine_config import EngineConfig
     from ownlm.serve.engine_process import EngineProcess
 
     path = _model_path(Path(model))
@@ -253,10 +253,12 @@ def serve(
     # 12-20x slower streaming than 1 thread (bench/serve.py).
     n_threads = threads or max(1, (os.cpu_count() or 2) - 1)
 
-    def load() -> Engine | EngineProcess:
-        if engine_process:
+    def load():
+        if engine_process:  # this process then never imports torch (engine_process.py)
             return EngineProcess(path, dtype=dtype, config=config, threads=n_threads)
         import torch
+
+        from ownlm.serve.engine import Engine
 
         torch.set_num_threads(n_threads)
         return Engine.from_pretrained(path, dtype=dtype, config=config)

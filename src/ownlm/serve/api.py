@@ -41,15 +41,13 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.api_errors import TEMPLATE_ERRORS, APIError, api_error_response, error_response, parse_body
-from ownlm.serve.engine import Engine
-from ownlm.serve.engine_process import EngineProcess
 from ownlm.serve.metrics import Metrics, OutermostMiddleware
 from ownlm.serve.openai_requests import (
     chat_messages,
@@ -68,6 +66,10 @@ from ownlm.serve.protocol import (
 )
 from ownlm.serve.server_state import ServerState
 from ownlm.serve.streaming import merge_outputs, new_id, run_generation, unless_disconnected
+
+if TYPE_CHECKING:  # the API process does not load torch when the engine runs in its own process
+    from ownlm.serve.engine import Engine
+    from ownlm.serve.engine_process import EngineProcess
 
 log = logging.getLogger(__name__)
 

@@ -59,13 +59,17 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ownlm.errors import OwnlmError
-from ownlm.serve.engine import Engine, EngineConfig, Prompt
+from ownlm.serve.engine_config import EngineConfig
 from ownlm.serve.frontends import AsyncFrontend, AsyncRequest, encode_prompt
 from ownlm.serve.outputs import CompletionOutput, EngineError, EngineStats, RequestMetrics, RequestOutput
-from ownlm.serve.sampling import SamplingParams
+from ownlm.serve.sampling_params import SamplingParams
 from ownlm.serve.scheduler import RequestRejected
+
+if TYPE_CHECKING:  # the API process does not load torch: only the engine process imports the engine
+    from ownlm.serve.engine import Engine, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +373,7 @@ def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: in
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine process): %(message)s")
     import torch
 
+    from ownlm.serve.engine import Engine
     from ownlm.serve.structured import Structured, use_in_this_process
 
     if threads:

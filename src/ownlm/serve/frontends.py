@@ -14,8 +14,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
-import torch
-
 from ownlm.serve.scheduler import RequestRejected
 from ownlm.serve.sinks import AsyncSink, CollectSink, QueueSink
 
@@ -108,6 +106,8 @@ class EngineFrontends(AsyncFrontend):
                 raise RequestRejected(
                     f"the input has {len(x)} tokens; the engine's context is {self.max_model_len}"
                 )
+        import torch
+
         out: list[list[float]] = []
         body = getattr(self.model, "base_model", self.model)
         for start in range(0, len(ids), batch_size):

@@ -4,12 +4,16 @@ parameters, the context-length check, and the token constraints of tool_choice/r
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ownlm.serve.api_errors import APIError
-from ownlm.serve.engine import Engine, SamplingParams
 from ownlm.serve.protocol import ChatMessage, NamedToolChoice
+from ownlm.serve.sampling_params import SamplingParams
 from ownlm.serve.server_state import ServerState
+
+if TYPE_CHECKING:
+    from ownlm.serve.engine import Engine
+    from ownlm.serve.engine_process import EngineProcess
 
 
 def chat_messages(msgs: list[ChatMessage]) -> list[dict]:
@@ -70,7 +74,7 @@ def sampling_params(req, *, max_tokens: int | None, logprobs: int | None, allowe
     )
 
 
-def check_length(engine: Engine, n_prompt: int, max_tokens: int | None, what: str) -> None:
+def check_length(engine: Engine | EngineProcess, n_prompt: int, max_tokens: int | None, what: str) -> None:
     """400 (OpenAI's context_length_exceeded) for a request that can never fit the context."""
     ctx = engine.max_model_len
     if n_prompt >= ctx:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ownlm.errors import OwnlmError
-from ownlm.serve.sampling import TokenLogprob
+from ownlm.serve.sampling_params import TokenLogprob
 
 
 class EngineError(OwnlmError):

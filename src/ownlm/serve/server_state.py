@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ownlm.serve.api_errors import APIError
-from ownlm.serve.engine import Engine
-from ownlm.serve.engine_process import EngineProcess
+
+if TYPE_CHECKING:  # the API process does not load torch (engine_process.py)
+    from ownlm.serve.engine import Engine
+    from ownlm.serve.engine_process import EngineProcess
 from ownlm.serve.metrics import Metrics
 
 

@@ -15,8 +15,10 @@ from fastapi.responses import StreamingResponse
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.api_errors import APIError
-from ownlm.serve.engine import EngineError, RequestOutput, RequestRejected, SamplingParams
 from ownlm.serve.frontends import AsyncRequest
+from ownlm.serve.outputs import EngineError, RequestOutput
+from ownlm.serve.sampling_params import SamplingParams
+from ownlm.serve.scheduler import RequestRejected
 from ownlm.serve.server_state import ServerState
 
 

@@ -29,12 +29,15 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ownlm.errors import OwnlmError
 from ownlm.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class _Mask:
         if m.is_error():
             self.broken = True
             return None
+        import torch
+
         bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
         return torch.from_numpy(bits[: self.vocab_size].view(np.bool_))
 
