@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_serve_api import SCHEMA, USER, Server, hammer, healthy, model, tokenizer, wait_idle  # noqa: F401
+from test_serve_api import CALC, SCHEMA, USER, Server, hammer, healthy, model, tokenizer, wait_idle  # noqa: F401
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.api import create_app
@@ -70,6 +70,18 @@ def _answers(c: openai.OpenAI) -> list:
             lps = [(t.token, round(t.logprob, 4)) for t in ch.logprobs.content] if ch.logprobs else None
             got.append((ch.index, ch.message.content, ch.finish_reason, lps))
         got.append((r.usage.prompt_tokens, r.usage.completion_tokens))
+    r = c.chat.completions.create(  # a forced tool call: grammar masks rebuilt in the engine process
+        model="tiny",
+        messages=USER,
+        max_tokens=80,
+        temperature=1.0,
+        seed=1,
+        tools=[CALC],
+        tool_choice="required",
+    )
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "calculator"
+    got.append([(t.function.name, t.function.arguments) for t in calls])
     stream = c.completions.create(
         model="tiny",
         prompt="def wrap(text):",
