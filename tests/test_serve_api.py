@@ -261,6 +261,13 @@ def test_completions(client, engine, tokenizer):
 
 
 def test_async_client_concurrent_streams(server, engine):
+    concurrent_streams(server, 8)
+
+
+def concurrent_streams(server: Server, n: int) -> None:
+    """`n` async clients at once, each streaming a greedy reply and then asking for it whole:
+    the streamed text equals the whole one."""
+
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
         msgs = [{"role": "user", "content": f"question {i}"}]
         stream = await c.chat.completions.create(
@@ -272,7 +279,7 @@ def test_async_client_concurrent_streams(server, engine):
 
     async def main():
         async with server.async_client() as c:
-            return await asyncio.gather(*(one(c, i) for i in range(8)))
+            return await asyncio.gather(*(one(c, i) for i in range(n)))
 
     for streamed, whole in asyncio.run(main()):
         assert streamed == whole

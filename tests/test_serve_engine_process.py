@@ -13,7 +13,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_serve_api import CALC, SCHEMA, USER, Server, hammer, healthy, model, tokenizer, wait_idle  # noqa: F401
+import test_serve_api
+from test_serve_api import CALC, SCHEMA, USER, Server, concurrent_streams, hammer, healthy, wait_idle
 
 from ownlm.errors import OwnlmError
 from ownlm.serve.api import create_app
@@ -21,6 +22,7 @@ from ownlm.serve.engine import Engine, EngineConfig, EngineError, SamplingParams
 from ownlm.serve.engine_process import EngineProcess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+model, tokenizer = test_serve_api.model, test_serve_api.tokenizer  # the same tiny model's fixtures
 
 
 def config() -> EngineConfig:
@@ -28,7 +30,7 @@ def config() -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def model_dir(model, tokenizer, tmp_path_factory):  # noqa: F811
+def model_dir(model, tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
@@ -161,21 +163,7 @@ def test_disconnect_aborts_in_the_engine_process_and_metrics_arrive(server, remo
 
 
 def test_concurrent_async_streams(server):
-    async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
-        msgs = [{"role": "user", "content": f"question {i}"}]
-        stream = await c.chat.completions.create(
-            model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True
-        )
-        streamed = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
-        whole = await c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
-        return streamed, whole.choices[0].message.content
-
-    async def main():
-        async with server.async_client() as c:
-            return await asyncio.gather(*(one(c, i) for i in range(24)))
-
-    for streamed, whole in asyncio.run(main()):
-        assert streamed == whole
+    concurrent_streams(server, 24)
 
 
 def test_many_concurrent_connections(server, remote):

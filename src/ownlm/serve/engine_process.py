@@ -257,14 +257,7 @@ class EngineProcess(AsyncFrontend):
 
     def _on_acks(self, acks: list) -> None:
         for rid, err in acks:
-            fut = self._acks.pop(rid, None)
-            if fut is None or fut.done():
-                continue
-            if err is None:
-                fut.set_result(None)
-            else:
-                rejected, message = err
-                fut.set_exception(RequestRejected(message) if rejected else OwnlmError(message))
+            _settle(self._acks.pop(rid, None), err, None, OwnlmError)
 
     def _on_outputs(self, outputs: list) -> None:
         for rid, finished, error, seqs, metrics in outputs:
@@ -304,14 +297,7 @@ class EngineProcess(AsyncFrontend):
                         log.exception("engine process: listener %r failed", cb)
 
     def _on_reply(self, token: int, error: tuple | None, value) -> None:
-        fut = self._replies.get(token)
-        if fut is None or fut.done():
-            return
-        if error is None:
-            fut.set_result(value)
-        else:
-            rejected, message = error
-            fut.set_exception(RequestRejected(message) if rejected else EngineError(message))
+        _settle(self._replies.get(token), error, value, EngineError)
 
     def _remove_reader(self) -> None:
         with suppress(ValueError, OSError):  # the pipe is closed already
@@ -334,6 +320,18 @@ class EngineProcess(AsyncFrontend):
             remote.queue.put_nowait(RequestOutput(rid, remote.prompt_ids, seqs, True, remote.metrics, reason))
         self._acks.clear()
         self._requests.clear()
+
+
+def _settle(fut, error: tuple | None, value, failure: type[Exception]) -> None:
+    """Resolve a waiting future (asyncio's or concurrent's) with an engine answer: the value, or
+    the engine's error (RequestRejected, else `failure`)."""
+    if fut is None or fut.done():
+        return
+    if error is None:
+        fut.set_result(value)
+    else:
+        rejected, message = error
+        fut.set_exception(RequestRejected(message) if rejected else failure(message))
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
