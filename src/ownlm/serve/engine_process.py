@@ -110,15 +110,17 @@ class EngineProcess(AsyncFrontend):
         theirs.close()
         self._conn = Connection(ours.detach())
         level = logging.getLogger().getEffectiveLevel()
-        self._conn.send((str(model), dtype, config or EngineConfig(), threads, level))
         try:
+            self._conn.send((str(model), dtype, config or EngineConfig(), threads, level))
             msg = self._conn.recv()
         except (EOFError, OSError):
+            self._conn.close()
             raise OwnlmError(
                 f"the engine process exited (code {self.process.wait(timeout=30)}) while loading {model}"
             ) from None
         if msg[0] == "load_error":
             self.process.wait(timeout=30)
+            self._conn.close()
             _, user_error, message = msg
             raise OwnlmError(message if user_error else f"could not load the model: {message}")
         _, info, self.tokenizer = msg
@@ -181,21 +183,23 @@ class EngineProcess(AsyncFrontend):
         ack = self._loop.create_future()
         self._requests[rid] = remote
         self._acks[rid] = ack
-        self._send(("add", rid, ids, pickle.dumps(params), stream, arrival))
         try:
+            self._send(("add", rid, ids, pickle.dumps(params), stream, arrival))
             await ack
         except asyncio.CancelledError:  # gone before the engine answered: it may be running
             self.abort(rid)
             raise
         except BaseException:
             self._requests.pop(rid, None)
+            self._acks.pop(rid, None)
             raise
         return AsyncRequest(rid, remote.queue, self.abort)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a no-op for finished or unknown ids)."""
         if request_id in self._requests and self.dead is None:
-            self._send(("abort", request_id))
+            with suppress(EngineError):  # the engine is gone: nothing left to stop
+                self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
         """The engine's gauges and counters (zeros once the engine process is gone)."""
@@ -219,7 +223,7 @@ class EngineProcess(AsyncFrontend):
             self.process.kill()
             self.process.wait(timeout=10)
         self._conn.close()
-        self._gone("the engine was shut down")
+        self._gone("the engine was shut down", expected=True)
 
     # ---- messages ---------------------------------------------------------------------------------
 
@@ -303,12 +307,13 @@ class EngineProcess(AsyncFrontend):
         with suppress(ValueError, OSError):  # the pipe is closed already
             self._loop.remove_reader(self._conn.fileno())
 
-    def _gone(self, reason: str) -> None:
+    def _gone(self, reason: str, expected: bool = False) -> None:
         """The engine process is gone: fail everything that waits on it."""
         if self.dead is not None:
             return
         self.dead = reason
-        log.error("engine process: %s", reason)
+        if not expected:
+            log.error("engine process: %s", reason)
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(EngineError(reason))
