@@ -176,7 +176,9 @@ def use_in_this_process(make: Callable[[], Structured]) -> None:
 class GrammarMasks:
     """A request's per-sequence mask factory (`SamplingParams.allowed_tokens`). It pickles as its
     grammar: the engine process rebuilds the matchers for its own tokenizer (vLLM likewise
-    compiles grammars in its engine core), since a matcher cannot cross processes."""
+    compiles grammars in its engine core), since a matcher cannot cross processes. The matchers
+    built here then go unused: milliseconds in a worker thread of the API, against a second code
+    path that would know where the engine runs."""
 
     def __init__(self, structured: Structured, grammar: str, n: int):
         self.structured = structured
