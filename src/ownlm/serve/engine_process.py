@@ -47,6 +47,7 @@ import concurrent.futures
 import gc
 import itertools
 import logging
+import os
 import pickle
 import queue
 import signal
@@ -172,6 +173,10 @@ class EngineProcess(AsyncFrontend):
         self.start()
         if self.dead is not None:
             raise EngineError(f"the engine process is gone: {self.dead}")
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(
+                "EngineProcess: submit from the event loop that started it (its reader is there)"
+            )
         params = params or SamplingParams()
         params.validate()
         arrival = time.perf_counter()
@@ -254,14 +259,21 @@ class EngineProcess(AsyncFrontend):
                     getattr(self, f"_on_{msg[0]}")(*msg[1:])
                 except Exception:  # one bad message must not stop the outputs of the others
                     log.exception("engine process: could not handle a %r message", msg[0])
-        except (EOFError, OSError) as e:
-            code = self.process.poll()
+        except (EOFError, OSError):
             self._remove_reader()
-            self._gone(f"the engine process exited (code {code})" if code is not None else str(e))
+            self._conn.close()
+            try:
+                code = self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # it closed the pipe but lives on: stop it
+                self.process.kill()
+                code = self.process.wait(timeout=10)
+            self._gone(f"the engine process exited (code {code})")
 
     def _on_acks(self, acks: list) -> None:
         for rid, err in acks:
-            _settle(self._acks.pop(rid, None), err, None, OwnlmError)
+            if err is not None:  # never registered by the engine: no output will come to clean up
+                self._requests.pop(rid, None)
+            _settle(self._acks.pop(rid, None), err, None)
 
     def _on_outputs(self, outputs: list) -> None:
         for rid, finished, error, seqs, metrics in outputs:
@@ -301,42 +313,54 @@ class EngineProcess(AsyncFrontend):
                         log.exception("engine process: listener %r failed", cb)
 
     def _on_reply(self, token: int, error: tuple | None, value) -> None:
-        _settle(self._replies.get(token), error, value, EngineError)
+        _settle(self._replies.get(token), error, value)
 
     def _remove_reader(self) -> None:
         with suppress(ValueError, OSError):  # the pipe is closed already
             self._loop.remove_reader(self._conn.fileno())
 
     def _gone(self, reason: str, expected: bool = False) -> None:
-        """The engine process is gone: fail everything that waits on it."""
+        """The engine process is gone: fail everything that waits on it (requests first: their
+        consumers are what hangs otherwise; worker threads may change the replies meanwhile)."""
         if self.dead is not None:
             return
         self.dead = reason
         if not expected:
             log.error("engine process: %s", reason)
-        for fut in self._acks.values():
-            if not fut.done():
-                fut.set_exception(EngineError(reason))
-        for fut in self._replies.values():
-            if not fut.done():
-                fut.set_exception(EngineError(reason))
-        for rid, remote in self._requests.items():
+        requests, self._requests = self._requests, {}
+        for rid, remote in requests.items():
             seqs = [CompletionOutput(i, "", "", [], [], None, None, "error") for i in remote.seqs or [0]]
             remote.queue.put_nowait(RequestOutput(rid, remote.prompt_ids, seqs, True, remote.metrics, reason))
-        self._acks.clear()
-        self._requests.clear()
+        acks, self._acks = self._acks, {}
+        for fut in acks.values():
+            if not fut.done():
+                fut.set_exception(EngineError(reason))
+        for fut in list(self._replies.values()):
+            if not fut.done():
+                fut.set_exception(EngineError(reason))
 
 
-def _settle(fut, error: tuple | None, value, failure: type[Exception]) -> None:
+def _settle(fut, error: tuple | None, value) -> None:
     """Resolve a waiting future (asyncio's or concurrent's) with an engine answer: the value, or
-    the engine's error (RequestRejected, else `failure`)."""
+    the engine's error as the in-process engine would have raised it (`_error_of`)."""
     if fut is None or fut.done():
         return
     if error is None:
         fut.set_result(value)
-    else:
-        rejected, message = error
-        fut.set_exception(RequestRejected(message) if rejected else failure(message))
+        return
+    kind, message = error
+    cls = {"rejected": RequestRejected, "invalid": OwnlmError}.get(kind, RuntimeError)
+    fut.set_exception(cls(message))
+
+
+def _error_of(e: Exception) -> tuple[str, str]:
+    """An engine-side exception for the wire: rejected (a 400 `request_too_large` in the API),
+    invalid (a 400) or internal (a 500, as an unexpected error in the in-process engine is)."""
+    if isinstance(e, RequestRejected):
+        return "rejected", str(e)
+    if isinstance(e, OwnlmError):
+        return "invalid", str(e)
+    return "internal", f"{type(e).__name__}: {e}"
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
@@ -370,9 +394,9 @@ def child_main() -> None:
     conn = Connection(int(sys.argv[-1]))
     try:
         model, dtype, config, threads, log_level = conn.recv()
-    except (EOFError, OSError):
+        _engine_main(model, dtype, config, threads, log_level, conn)
+    except (EOFError, OSError):  # the API process went away (closed the pipe, stopped, died)
         return
-    _engine_main(model, dtype, config, threads, log_level, conn)
 
 
 def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: int, conn) -> None:
@@ -384,6 +408,8 @@ def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: in
 
     if threads:
         torch.set_num_threads(threads)
+    serving = threading.Event()
+    inbox = _start_reader(conn, serving)
     try:
         engine = Engine.from_pretrained(model, dtype=dtype, config=config)
     except BaseException as e:  # reported to the API process, which raises it
@@ -397,23 +423,49 @@ def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: in
         config=engine.config,
     )
     conn.send(("ready", info, engine.tokenizer))
+    serving.set()
     # Everything loaded so far lives as long as the process: keep it out of the collector's passes.
     gc.collect()
     gc.freeze()
-    _serve(engine, conn)
+    _serve(engine, conn, inbox)
 
 
-def _serve(engine: Engine, conn) -> None:
+def _start_reader(conn, serving: threading.Event) -> queue.SimpleQueue:
+    """The input thread: reads requests as they come (a full-duplex pipe whose two ends both
+    wait to send would deadlock), unpickles their SamplingParams here (building grammar matchers
+    takes milliseconds: not between two steps), and ends the process if the API process goes
+    away while the model is still loading (nobody would ever read what it loads)."""
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:
         try:
             while True:
-                inbox.put(conn.recv())
-        except (EOFError, OSError):  # the API process closed the pipe or died
+                msg = conn.recv()
+                if msg[0] == "add":
+                    msg = (*msg[:3], _params(msg[3]), *msg[4:])
+                inbox.put(msg)
+        except Exception:  # EOF / a broken pipe: the API process closed it or died
+            if not serving.is_set():
+                os._exit(0)
             inbox.put(("shutdown",))
 
     threading.Thread(target=read, name="ownlm-engine-input", daemon=True).start()
+    return inbox
+
+
+def _params(pickled: bytes) -> SamplingParams | Exception:
+    """A request's SamplingParams with their grammar matchers built, or why they cannot be."""
+    try:
+        params = pickle.loads(pickled)
+        prebuild = getattr(params.allowed_tokens, "prebuild", None)
+        if prebuild is not None:
+            prebuild(params.n)
+        return params
+    except Exception as e:
+        return e
+
+
+def _serve(engine: Engine, conn, inbox: queue.SimpleQueue) -> None:
     outbox: list[RequestOutput] = []
     while True:
         msgs = [inbox.get()] if not engine.has_unfinished() else []
@@ -427,12 +479,13 @@ def _serve(engine: Engine, conn) -> None:
             if kind == "add":
                 _, rid, ids, params, stream, arrival = msg
                 try:
+                    if isinstance(params, Exception):
+                        raise params
                     sink = _ForwardSink(stream, outbox)
-                    engine.add_request(ids, pickle.loads(params), rid, sink=sink, arrival=arrival)
+                    engine.add_request(ids, params, rid, sink=sink, arrival=arrival)
                     acks.append((rid, None))
                 except Exception as e:
-                    user = isinstance(e, OwnlmError)
-                    acks.append((rid, (isinstance(e, RequestRejected), str(e) if user else repr(e))))
+                    acks.append((rid, _error_of(e)))
             elif kind == "abort":
                 engine.abort(msg[1])
             else:
@@ -451,7 +504,7 @@ def _reply(engine: Engine, conn, kind: str, token: int, args: tuple) -> None:
         value = engine.stats() if kind == "stats" else engine.embed(*args)
         conn.send(("reply", token, None, value))
     except Exception as e:
-        conn.send(("reply", token, (isinstance(e, RequestRejected), f"{type(e).__name__}: {e}"), None))
+        conn.send(("reply", token, _error_of(e), None))
 
 
 def _pack(out: RequestOutput) -> tuple:

@@ -85,8 +85,8 @@ async def submit(engine, prompt, params: SamplingParams, rid: str, stream: bool)
         return await engine.submit(prompt, params, request_id=rid, stream=stream)
     except RequestRejected as exc:
         raise APIError(400, str(exc), code="request_too_large") from None
-    except EngineError:
-        raise
+    except EngineError as exc:  # the engine process is gone
+        raise APIError(503, f"the engine is not running: {exc}", code="engine_dead") from None
     except OwnlmError as exc:
         raise APIError(400, str(exc)) from None
 

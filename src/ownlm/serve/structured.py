@@ -195,11 +195,18 @@ class GrammarMasks:
             matcher = self._matchers.pop() if self._matchers else self.structured.matcher(self.grammar)
         return _Mask(matcher, self.structured.vocab_size)
 
+    def prebuild(self, n: int) -> None:
+        """Have `n` matchers ready (the engine process calls this once it knows the request's n:
+        a completions request of k prompts shares one GrammarMasks of n·k in the API)."""
+        with self._lock:
+            while len(self._matchers) < n:
+                self._matchers.append(self.structured.matcher(self.grammar))
+
     def __reduce__(self):
-        return _rebuild_masks, (self.grammar, self.n)
+        return _rebuild_masks, (self.grammar,)
 
 
-def _rebuild_masks(grammar: str, n: int) -> GrammarMasks:
+def _rebuild_masks(grammar: str) -> GrammarMasks:
     if _process_structured is None:
         raise OwnlmError("structured outputs: this process has no engine to build grammar masks for")
-    return GrammarMasks(_process_structured(), grammar, n)
+    return GrammarMasks(_process_structured(), grammar, 0)
