@@ -128,8 +128,6 @@ class EngineProcess(AsyncFrontend):
         self.vocab_size: int = info["vocab_size"]
         self.max_model_len: int = info["max_model_len"]
         self.default_stop_ids: list[int] = info["default_stop_ids"]
-        self.config: EngineConfig = info["config"]
-        self.dead: str | None = None
         self._requests: dict[str, _Remote] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self._replies: dict[int, concurrent.futures.Future] = {}
@@ -240,7 +238,7 @@ class EngineProcess(AsyncFrontend):
             raise EngineError(f"the engine process is gone: {e}") from None
 
     def _call(self, kind: str, *args):
-        if self._loop is not None and self._loop.is_running() and _on_loop_thread(self._loop):
+        if self._loop is not None and _on_loop_thread(self._loop):
             raise RuntimeError(f"engine process: call {kind}() from a worker thread, not the event loop")
         token = next(self._tokens)
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -420,7 +418,6 @@ def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: in
         vocab_size=engine.vocab_size,
         max_model_len=engine.max_model_len,
         default_stop_ids=list(engine.default_stop_ids),
-        config=engine.config,
     )
     conn.send(("ready", info, engine.tokenizer))
     serving.set()

@@ -62,6 +62,8 @@ class AsyncRequest:
 class AsyncFrontend:
     """`generate_async` over a `submit` (the in-process engine's or the engine process client's)."""
 
+    dead: str | None = None  # why the engine can no longer run (only an engine process can die)
+
     async def submit(
         self,
         prompt: Prompt,

@@ -32,9 +32,8 @@ class ServerState:
         self._token_bytes = None
 
     def ready(self) -> Engine | EngineProcess:
-        dead = getattr(self.engine, "dead", None)  # an EngineProcess whose process is gone
-        if dead is not None:
-            raise APIError(503, f"the engine is not running: {dead}", code="engine_dead")
+        if self.engine is not None and self.engine.dead is not None:
+            raise APIError(503, f"the engine is not running: {self.engine.dead}", code="engine_dead")
         if self.engine is None:
             if self.load_error:
                 raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
