@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from ownlm.config import load_recipe
-from ownlm.perf import emit_bench, machine_info
+from harness import emit_bench
+from ownlm.core.perf import machine_info
+from ownlm.recipe import load_recipe
 from ownlm.runner import run_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,7 +44,7 @@ def _held_out_prompts(recipe, limit: int) -> list[dict]:
 
 def _mean_reward(model_dir, rm_dir, prompts: list[list[dict]], max_new_tokens: int) -> float:
     from ownlm.align.reward import load_reward_model, score
-    from ownlm.generation import generate_replies
+    from ownlm.engine.offline import generate_replies
     from ownlm.models import load_model, load_tokenizer_for
 
     model, tok = load_model(model_dir), load_tokenizer_for(model_dir)
@@ -100,7 +101,7 @@ def bench_tiny(recipe, ppo_steps: int, limit: int) -> dict:
 
 def bench_cai(recipe, limit: int) -> dict:
     from ownlm.align.cai import benign_risky_prompts, red_team_prompts, refusal_rate, split
-    from ownlm.generation import generate_replies
+    from ownlm.engine.offline import generate_replies
     from ownlm.models import load_model, load_tokenizer_for
 
     c = recipe.align.cai
@@ -194,7 +195,7 @@ def main() -> None:
 
 def _plot(systems: dict, out) -> None:
     """Win-rate and refusal bars next to the run (PPO's reward-vs-KL curves are in its artifacts)."""
-    from ownlm.plots import bar_panels
+    from ownlm.core.plots import bar_panels
 
     panels = []
     if systems.get("dpo"):

@@ -3,8 +3,8 @@
 Systems, all on (batch 1, 4 heads, seq_len, head_dim 64) fp32 tensors on CPU:
   sdpa-dense-causal  torch SDPA with is_causal=True: the dense baseline
   sdpa-masked-band   torch SDPA with an explicit seq_len x seq_len band mask: right answer, dense work
-  ownlm-sliding      ownlm.attention.sliding_window_attention: blocked, O(seq_len * window)
-  ownlm-topk         ownlm.attention.topk_attention (k = window): computes every score by design
+  ownlm-sliding      ownlm.models.attention.sliding_window_attention: blocked, O(seq_len * window)
+  ownlm-topk         ownlm.models.attention.topk_attention (k = window): computes every score by design
 
 Systems are interleaved (A, B, C, D, A, B, C, D, ...) after a warm-up so drift in machine speed hits all
 of them alike. Prints one JSON object; --save also writes it to bench/results/attention_sparsity.json.
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ownlm.attention import sliding_window_attention, topk_attention
-from ownlm.perf import emit_bench, machine_info
+from harness import emit_bench
+from ownlm.core.perf import machine_info
+from ownlm.models.attention import sliding_window_attention, topk_attention
 
 HEADS, HEAD_DIM = 4, 64
 GOAL = "sliding window forward at 4096 tokens takes < 0.5x the time of dense causal SDPA"

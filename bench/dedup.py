@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import emit_bench
+from ownlm.core.perf import machine_info
 from ownlm.data import dedup
 from ownlm.data.default_corpus import ensure_default_corpus
 from ownlm.data.records import iter_corpus
-from ownlm.perf import emit_bench, machine_info
 
 GOAL = "F1 >= datasketch and >= 5x its docs/s"
 EDITS = {"1%": 0.01, "3%": 0.03, "5%": 0.05, "10%": 0.10}

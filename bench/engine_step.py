@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ownlm.perf import bench_model, emit_bench, machine_info
-from ownlm.serve.packed_linear import PackedLinear
+from harness import bench_model, emit_bench
+from ownlm.core.perf import machine_info
+from ownlm.engine.packed_linear import PackedLinear
 
 GOAL = (
     "the fused runner's step is faster than the model's own modules at every batch, prepacked (fused) "
@@ -90,9 +91,9 @@ def layer_systems(hidden: int, mlp: int, q: int, kv: int) -> dict[str, Callable[
 
 
 def model_systems(model_dir: Path, batch: int, context: int) -> tuple[dict[str, Callable[[], None]], float]:
+    from ownlm.engine.core import Engine, EngineConfig
+    from ownlm.engine.packed_linear import pack_linears
     from ownlm.models import load_model
-    from ownlm.serve.engine import Engine, EngineConfig
-    from ownlm.serve.packed_linear import pack_linears
 
     config = EngineConfig(max_num_seqs=max(batch, 8), self_check=False)
     fused = Engine.from_pretrained(model_dir, config=config)
@@ -119,10 +120,10 @@ def model_systems(model_dir: Path, batch: int, context: int) -> tuple[dict[str, 
 # Each engine is built in a fresh interpreter, which prints its RSS split from /proc/self/status.
 _RSS_CHILD = """
 import sys
-from ownlm.serve.engine import Engine
+from ownlm.engine.core import Engine
 from ownlm.models import load_model, load_tokenizer_for
-from ownlm.serve.fused_llama import FusedLlama
-from ownlm.serve.packed_linear import pack_linears
+from ownlm.engine.fused_llama import FusedLlama
+from ownlm.engine.packed_linear import pack_linears
 path, how = sys.argv[1], sys.argv[2]
 if how == "mapped":  # Engine.from_pretrained's steps without copy_out_of_checkpoint
     model = load_model(path)

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ownlm.config import load_recipe
+from harness import emit_bench
+from ownlm.core.perf import machine_info, matmul_peak_gflops
 from ownlm.data.stage import run_data
 from ownlm.models import build_model, flops_per_token
-from ownlm.perf import emit_bench, machine_info, matmul_peak_gflops
-from ownlm.pretrain import make_optimizer, run_pretrain
-from ownlm.shards import TokenShards
+from ownlm.pretrain.shards import TokenShards
+from ownlm.pretrain.stage import make_optimizer, run_pretrain
+from ownlm.recipe import load_recipe
 from ownlm.tokenizer import load_tokenizer, run_tokenizer
 
 WARMUP = 5

@@ -422,7 +422,8 @@ def main() -> None:
         hf_server(args.hf_server, args.port, args.threads)
         return
 
-    from ownlm.perf import bench_model, emit_bench, machine_info
+    from harness import bench_model, emit_bench
+    from ownlm.core.perf import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="ownlm-bench-serve-"))
     model_dir, how = bench_model(work, args.model)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from ownlm.config import load_recipe
+from harness import emit_bench
+from ownlm.core.perf import machine_info
 from ownlm.evaluate.instruct_eval import evaluate_chat_tools, evaluate_instruct, load_test_records
 from ownlm.models import load_model, load_tokenizer_for
-from ownlm.perf import emit_bench, machine_info
+from ownlm.recipe import load_recipe
 from ownlm.runner import run_recipe
 
 

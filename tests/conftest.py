@@ -48,6 +48,75 @@ def write_small_corpus(path: Path) -> Path:
     return path
 
 
+def corpus_with_junk(tmp_path, small_corpus):
+    """The small real corpus plus duplicates, near duplicates, PII and word salad."""
+    import random
+
+    recs = [json.loads(x) for x in small_corpus.read_text().splitlines()]
+    rng = random.Random(0)
+    extra = []
+    for i, r in enumerate(recs[:40:4]):
+        extra.append({**r, "id": f"copy-{i}"})  # exact copy
+        words = r["text"].split()
+        if len(words) > 60:
+            words[len(words) // 2] = "zebra"
+            extra.append({**r, "id": f"near-{i}", "text": " ".join(words)})  # near copy
+    docs = [r for r in recs if r["meta"]["domain"] == "docs"]
+    for i, r in enumerate(docs[:15]):
+        words = r["text"].split()
+        rng.shuffle(words)
+        extra.append({**r, "id": f"salad-{i}", "text": " ".join(words)})  # word salad
+    extra.append(
+        {
+            "id": "pii",
+            "text": docs[0]["text"] + "\nWrite to jane.doe@example.com or call +1 415 555 0100.",
+            "meta": {"domain": "docs"},
+        }
+    )
+    # Decomposed accents and a control character: what `normalize` repairs.
+    nfd = {"id": "nfd", "text": docs[1]["text"] + "\nCafe\u0301 cre\u0300me\x07.", "meta": {"domain": "docs"}}
+    extra.append(nfd)
+    out = tmp_path / "corpus.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs + extra))
+    return out, len(recs) + len(extra)
+
+
+def reference_docs(path):
+    """Docstrings of other stdlib modules: the reference text the perplexity model learns from
+    (CCNet learns from Wikipedia, not from the crawl it filters)."""
+    import ast
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    with open(path, "w", encoding="utf-8") as f:
+        for src in sorted(lib.rglob("*.py")):
+            if src.name in _FILES:
+                continue
+            if "test" in src.parts or "site-packages" in src.parts:
+                continue
+            try:
+                tree = ast.parse(src.read_text(encoding="utf-8-sig"))
+            except (SyntaxError, UnicodeDecodeError):
+                continue
+            for node in ast.walk(tree):
+                doc = (
+                    ast.get_docstring(node)
+                    if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.Module)
+                    else None
+                )
+                if doc and len(doc) > 200:
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": f"{src.relative_to(lib)}:{getattr(node, 'lineno', 0)}",
+                                "text": doc,
+                                "meta": {"domain": "docs"},
+                            }
+                        )
+                        + "\n"
+                    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     return write_small_corpus(tmp_path_factory.mktemp("corpus") / "small.jsonl")
@@ -79,7 +148,7 @@ TINY = {
 
 def tiny_recipe(runs_dir: Path, corpus: Path, **over):
     """The tiny recipe shrunk to seconds, on `corpus`, with nested overrides."""
-    from ownlm.config import _merge, load_recipe
+    from ownlm.recipe import _merge, load_recipe
 
     cfg = json.loads(json.dumps(TINY))
     cfg["runs_dir"] = str(runs_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 # peft/TRL call transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
 pytestmark = [
@@ -118,7 +118,7 @@ def test_reward_model_learns_held_out_preferences_and_saves_a_plain_hf_dir(rm_di
 
     from ownlm.align.preferences import read_pairs
     from ownlm.align.reward import REWARD_STATS, load_reward_model, pairwise_accuracy, score
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
 
     m = read_manifest(rm_dir)["metrics"]
     print(
@@ -162,8 +162,8 @@ def test_dpo_full_raises_the_implicit_margin_and_writes_a_loadable_model(tmp_pat
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from ownlm.align.dpo import DPOStageConfig, run_dpo
-    from ownlm.artifacts import read_manifest
-    from ownlm.plots import read_jsonl
+    from ownlm.core.artifacts import read_manifest
+    from ownlm.core.plots import read_jsonl
 
     cfg = DPOStageConfig(
         method="full", max_steps=8, lr=1e-3, batch_size=8, warmup=0, max_length=64, log_every=1, beta=0.1
@@ -194,7 +194,7 @@ def test_dpo_lora_uses_the_adapter_free_base_as_reference_and_win_rate(tmp_path,
     from transformers import AutoModelForCausalLM
 
     from ownlm.align.dpo import DPOStageConfig, run_dpo, win_rate
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
 
     cfg = DPOStageConfig(
         method="lora", lora_r=8, max_steps=6, lr=1e-2, batch_size=8, warmup=0, max_length=64, log_every=1
@@ -255,7 +255,7 @@ def odd_even_policy(tmp_path_factory, base, tokenizer) -> Path:
 
 def test_verifiable_judge_pairs_samples_and_falls_back_to_the_reference(tmp_path, odd_even_policy):
     from ownlm.align.preferences import PairsConfig, build_verifiable_pairs, read_pairs, split_of
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
     from ownlm.instruct.formats import to_chat
     from ownlm.instruct.tasks import check, generate_tasks, generate_tool_use
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -35,8 +35,8 @@ def policy(trained_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def recipe(policy, tmp_path_factory):
     """The small policy, with generated instruction data beside it."""
-    from ownlm.config import load_recipe
     from ownlm.instruct.stage import run_instruct
+    from ownlm.recipe import load_recipe
 
     over = {
         "runs_dir": str(tmp_path_factory.mktemp("alignruns")),
@@ -125,6 +125,9 @@ def test_cli_align_rm_and_a_bad_method(recipe):
     args = ["align", "-r", "tiny", "--runs_dir", recipe.runs_dir, "--name", recipe.name]
     args += ["--align.policy", recipe.align.policy, "--align.reward.max_steps", "4"]
     args += ["--align.reward.batch_size", "8"]
+    # The fixture's judge settings, so the reward model's pairs (runs/R/pairs-rm) are up to date
+    # (the tiny recipe's defaults sample 256-token replies: ten minutes on this model).
+    args += ["--align.reward_pairs", json.dumps(recipe.align.reward_pairs.model_dump())]
     result = CliRunner().invoke(app, [*args, "--method", "rm"])
     assert result.exit_code == 0, result.output
     assert result.output.strip().endswith(str(recipe.run_dir / "reward"))

@@ -10,9 +10,9 @@ from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, 
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from ownlm import attention
-from ownlm.attention import attn_implementation, sliding_window_attention, topk_attention
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
+from ownlm.models import attention
+from ownlm.models.attention import attn_implementation, sliding_window_attention, topk_attention
 
 VOCAB, PAD = 128, 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 from ownlm.instruct import augment
 from ownlm.instruct.augment import (
     AugmentConfig,
@@ -167,7 +167,7 @@ def test_verifiable_tasks_are_not_paraphrased(minilm):
 
 
 def recipe_for(tmp_path: Path, generator: str, stages=("instruct", "augment", "sft"), **augment_cfg):
-    from ownlm.config import load_recipe
+    from ownlm.recipe import load_recipe
 
     instruct = {"arithmetic": 20, "counting": 10, "spelling": 10, "format": 10, "reasoning": 10,
                 "tool_use": 5, "chatterbot": True, "python_faq": False}  # fmt: skip
@@ -305,8 +305,8 @@ def test_stage_with_a_tiny_random_model(tmp_path, tiny_generator):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_generator):
-    from ownlm.config import load_recipe
     from ownlm.instruct.stage import run_instruct
+    from ownlm.recipe import load_recipe
 
     with pytest.raises(OwnlmError, match=r"'augment.min_similarity'"):
         load_recipe("tiny", ["--augment.min_similarity", "1.5"])

@@ -17,7 +17,7 @@ from ownlm.align.cai import (
     sl_cai_records,
     split,
 )
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 
 def test_default_constitution_loads_and_covers_the_themes():
@@ -197,7 +197,7 @@ def test_ai_labels_average_both_orders_to_cancel_position_bias():
 
 
 def test_generation_helpers_on_a_real_tiny_model(trained_run):
-    from ownlm.generation import generate_replies, next_token_probs
+    from ownlm.engine.offline import generate_replies, next_token_probs
     from ownlm.models import load_model, load_tokenizer_for
 
     path = trained_run.run_dir / "pretrain"

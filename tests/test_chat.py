@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from ownlm.chat import ChatSession, repl, stop_ids
-from ownlm.tools import CALCULATOR
+from ownlm.engine.chat import ChatSession, repl
+from ownlm.models.chat_templates import stop_ids
+from ownlm.models.tools import CALCULATOR
 
 SCHEMA = json.dumps(CALCULATOR)
 PREAMBLE = (
@@ -111,7 +112,7 @@ def test_session_streams_real_model_and_stops(model, tokenizer):
 
     # The same draw straight from the engine (seeded per request): the reply must be exactly it,
     # and another session with the same seed draws it again.
-    from ownlm.serve.sampling import SamplingParams
+    from ownlm.engine.sampling import SamplingParams
 
     session.reset()
     session.messages.append({"role": "user", "content": "Hi"})

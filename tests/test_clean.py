@@ -4,79 +4,9 @@ import json
 
 import pytest
 
-from conftest import tiny_recipe
+from conftest import corpus_with_junk, reference_docs, tiny_recipe
 
 ALL_STEPS = ["normalize", "exact_dedup", "quality", "pii", "minhash_dedup", "perplexity"]
-
-
-def _corpus_with_junk(tmp_path, small_corpus):
-    """The small real corpus plus duplicates, near duplicates, PII and word salad."""
-    import random
-
-    recs = [json.loads(x) for x in small_corpus.read_text().splitlines()]
-    rng = random.Random(0)
-    extra = []
-    for i, r in enumerate(recs[:40:4]):
-        extra.append({**r, "id": f"copy-{i}"})  # exact copy
-        words = r["text"].split()
-        if len(words) > 60:
-            words[len(words) // 2] = "zebra"
-            extra.append({**r, "id": f"near-{i}", "text": " ".join(words)})  # near copy
-    docs = [r for r in recs if r["meta"]["domain"] == "docs"]
-    for i, r in enumerate(docs[:15]):
-        words = r["text"].split()
-        rng.shuffle(words)
-        extra.append({**r, "id": f"salad-{i}", "text": " ".join(words)})  # word salad
-    extra.append(
-        {
-            "id": "pii",
-            "text": docs[0]["text"] + "\nWrite to jane.doe@example.com or call +1 415 555 0100.",
-            "meta": {"domain": "docs"},
-        }
-    )
-    out = tmp_path / "corpus.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in recs + extra))
-    return out, len(recs) + len(extra)
-
-
-def reference_docs(path):
-    """Docstrings of other stdlib modules: the reference text the perplexity model learns from
-    (CCNet learns from Wikipedia, not from the crawl it filters)."""
-    import ast
-    import sysconfig
-    from pathlib import Path
-
-    from conftest import _FILES
-
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    with open(path, "w", encoding="utf-8") as f:
-        for src in sorted(lib.rglob("*.py")):
-            if src.name in _FILES:
-                continue
-            if "test" in src.parts or "site-packages" in src.parts:
-                continue
-            try:
-                tree = ast.parse(src.read_text(encoding="utf-8-sig"))
-            except (SyntaxError, UnicodeDecodeError):
-                continue
-            for node in ast.walk(tree):
-                doc = (
-                    ast.get_docstring(node)
-                    if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.Module)
-                    else None
-                )
-                if doc and len(doc) > 200:
-                    f.write(
-                        json.dumps(
-                            {
-                                "id": f"{src.relative_to(lib)}:{getattr(node, 'lineno', 0)}",
-                                "text": doc,
-                                "meta": {"domain": "docs"},
-                            }
-                        )
-                        + "\n"
-                    )
-    return path
 
 
 def clean_config(tmp, **over):
@@ -89,7 +19,7 @@ def cleaned(tmp_path_factory, small_corpus):
     from conftest import prepare_corpus
 
     tmp = tmp_path_factory.mktemp("clean")
-    corpus, n = _corpus_with_junk(tmp, small_corpus)
+    corpus, n = corpus_with_junk(tmp, small_corpus)
     recipe = tiny_recipe(tmp / "runs", corpus, clean=clean_config(tmp))
     prepare_corpus(recipe)
     return recipe, n
@@ -134,8 +64,8 @@ def test_report_stats_and_mixture(cleaned):
 
 
 def test_pretraining_draws_from_the_mixture(cleaned):
-    from ownlm.pretrain import run_pretrain
-    from ownlm.shards import StepSampler, TokenShards
+    from ownlm.pretrain.shards import StepSampler, TokenShards
+    from ownlm.pretrain.stage import run_pretrain
     from ownlm.tokenizer import run_tokenizer
 
     recipe, _ = cleaned
@@ -156,7 +86,7 @@ def test_pretraining_draws_from_the_mixture(cleaned):
 def test_dask_and_local_clean_stages_are_byte_identical(tmp_path, small_corpus):
     from conftest import prepare_corpus
 
-    corpus, _ = _corpus_with_junk(tmp_path, small_corpus)
+    corpus, _ = corpus_with_junk(tmp_path, small_corpus)
     outs = {}
     for ex in ("local", "dask"):
         recipe = tiny_recipe(tmp_path / ex, corpus, clean=clean_config(tmp_path, executor=ex))

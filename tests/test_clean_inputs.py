@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import prepare_corpus, tiny_recipe
+from ownlm.core.errors import OwnlmError
 from ownlm.data.readers import read_source
-from ownlm.errors import OwnlmError
 
 
 def _rec(i, text, domain="books"):

@@ -1,7 +1,7 @@
 import pytest
 
-from ownlm.config import load_recipe, parse_overrides
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
+from ownlm.recipe import load_recipe, parse_overrides
 
 
 def test_builtin_recipes_load_with_documented_fields():

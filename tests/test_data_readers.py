@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ownlm.core.errors import OwnlmError
 from ownlm.data.readers import read_source
 from ownlm.data.records import chunk_paragraphs, iter_corpus, iter_jsonl, validate_record, write_jsonl
-from ownlm.errors import OwnlmError
 
 
 def _jsonl(path: Path, lines: list[str]) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ownlm.artifacts import read_manifest
+from ownlm.core.artifacts import read_manifest
 from ownlm.data import default_corpus as dc
 from ownlm.data.records import META_FIELDS, iter_jsonl
 

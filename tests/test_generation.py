@@ -1,4 +1,4 @@
-"""Offline sampling (`ownlm.generation`) and PPO's rollouts go through the serving engine: greedy
+"""Offline sampling (`ownlm.engine.offline`) and PPO's rollouts go through the serving engine: greedy
 replies equal HF `generate`'s, also for a LoRA model left in train mode, and seeded sampling is
 reproducible whatever the batch."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +36,7 @@ def model(tokenizer):
 
 
 def rendered(tokenizer) -> list[list[int]]:
-    from ownlm.generation import _as_messages, render_prompts
+    from ownlm.engine.offline import _as_messages, render_prompts
 
     return render_prompts(tokenizer, [_as_messages(c) for c in CONVERSATIONS])
 
@@ -55,8 +55,8 @@ def hf_greedy(model, ids: list[int], n: int, stops: list[int]) -> list[int]:
 
 def test_greedy_turns_and_rollouts_equal_hf_generate(model, tokenizer):
     from ownlm.align.ppo import generate_responses
-    from ownlm.chat import stop_ids
-    from ownlm.generation import sample_turns
+    from ownlm.engine.offline import sample_turns
+    from ownlm.models.chat_templates import stop_ids
 
     stops = stop_ids(tokenizer)
     want = [hf_greedy(model, x, 20, stops) for x in rendered(tokenizer)]
@@ -78,8 +78,8 @@ def test_a_lora_model_in_train_mode_samples_in_eval_and_keeps_its_mode(model, to
 
     from peft import LoraConfig, get_peft_model
 
-    from ownlm.chat import stop_ids
-    from ownlm.generation import generate_replies
+    from ownlm.engine.offline import generate_replies
+    from ownlm.models.chat_templates import stop_ids
 
     peft_model = get_peft_model(
         copy.deepcopy(model),
@@ -105,8 +105,8 @@ def test_a_lora_model_in_train_mode_samples_in_eval_and_keeps_its_mode(model, to
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model, tokenizer):
     from ownlm.align.ppo import generate_responses
-    from ownlm.chat import stop_ids
-    from ownlm.generation import sample_replies
+    from ownlm.engine.offline import sample_replies
+    from ownlm.models.chat_templates import stop_ids
 
     kw = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10)
     a = sample_replies(model, tokenizer, CONVERSATIONS, seed=5, batch_size=16, **kw)
@@ -129,7 +129,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model, tok
 
 
 def test_a_prompt_that_fills_the_context_is_an_error(model, tokenizer):
-    from ownlm.generation import sample_replies
+    from ownlm.engine.offline import sample_replies
 
     long = " ".join(["difflib"] * 400)
     with pytest.raises(OwnlmError, match="leaves no room"):
@@ -140,9 +140,9 @@ def test_evaluate_instruct_scores_the_models_own_greedy_replies(model, tokenizer
     """Held-out evaluation runs batched through the engine; its exact_match and format_ok agree with
     a one-prompt-at-a-time HF greedy loop: records whose answer is the model's own greedy reply pass,
     the others fail, and format_ok counts replies that ended with an end-of-turn token."""
-    from ownlm.chat import stop_ids
+    from ownlm.engine.offline import _as_messages
     from ownlm.evaluate.instruct_eval import evaluate_instruct
-    from ownlm.generation import _as_messages
+    from ownlm.models.chat_templates import stop_ids
 
     stops = stop_ids(tokenizer)
     records, expected_ended = [], 0

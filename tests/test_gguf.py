@@ -27,7 +27,7 @@ def test_gguf_converts_once_and_continues_pretraining(tmp_path, small_corpus, sm
 
     from conftest import prepare_corpus
     from ownlm.models import resolve_model_dir
-    from ownlm.pretrain import run_pretrain
+    from ownlm.pretrain.stage import run_pretrain
 
     converted = resolve_model_dir(smollm2_gguf)
     assert resolve_model_dir(smollm2_gguf) == converted  # cached by content hash

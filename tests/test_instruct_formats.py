@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 from ownlm.instruct.formats import iter_instruct_jsonl, to_chat, to_seed, too_long, validate_chat
 
 CALL = {
@@ -154,7 +154,8 @@ def test_tool_chat_renders_with_project_template():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from ownlm.instruct.tasks import generate_tool_use
-    from ownlm.tokenizer import SPECIAL_TOKENS, wrap_tokenizer
+    from ownlm.models.chat_templates import SPECIAL_TOKENS
+    from ownlm.tokenizer import wrap_tokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

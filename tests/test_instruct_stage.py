@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 from ownlm.instruct import stage as stage_mod
 from ownlm.instruct.formats import iter_instruct_jsonl, to_seed, validate_chat
 from ownlm.instruct.sources import chatterbot_records, parse_faq, python_faq_records

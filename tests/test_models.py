@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from ownlm.config import load_recipe
-from ownlm.errors import OwnlmError
-from ownlm.models import ModelConfig, build_model, count_params, derived_shape, flops_per_token, load_model
+from ownlm.core.errors import OwnlmError
+from ownlm.models import ModelConfig, build_model, count_params, flops_per_token, load_model
+from ownlm.models.llama import derived_shape
+from ownlm.recipe import load_recipe
 
 
 class _Tok:

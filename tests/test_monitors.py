@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from ownlm.monitors import LossMonitor, TrainingDiverged
-from ownlm.pretrain import PretrainConfig, lr_at
+from ownlm.pretrain.monitors import LossMonitor, TrainingDiverged
+from ownlm.pretrain.stage import PretrainConfig, lr_at
 
 
 def test_nan_and_inf_stop_training_with_advice():

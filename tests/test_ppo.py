@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
 REF_LOGP = torch.tensor([[-1.0, -2.0, -0.5, -1.5], [-3.0, -1.0, -9.0, -9.0]])
@@ -225,7 +225,7 @@ def two_runs(base, tmp_path_factory):
 def test_reward_rises_and_a_larger_kl_coefficient_keeps_kl_lower(two_runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
 
     small, large = (read_manifest(two_runs[c])["metrics"] for c in (0.01, 0.5))
     print(f"kl_coef 0.01: {small}\nkl_coef 0.5: {large}")
@@ -254,7 +254,7 @@ def _reward_model(path, tokenizer):
     """A tiny random HF reward model (LlamaForSequenceClassification, num_labels=1) + its tokenizer."""
     from transformers import LlamaForSequenceClassification
 
-    from ownlm.models import ModelConfig, llama_config
+    from ownlm.models.llama import ModelConfig, llama_config
 
     config = llama_config(ModelConfig(depth=1, aspect_ratio=32, head_dim=32, max_seq_len=64), tokenizer)
     config.num_labels = 1
@@ -274,7 +274,7 @@ def test_lora_with_a_reward_model_adaptive_k3_and_a_skipped_prompt(base, tokeniz
     from transformers import AutoModelForCausalLM
 
     from ownlm.align.ppo import RewardModelScorer, run_ppo
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
 
     rm = _reward_model(tmp_path / "rm", tokenizer)
     raw = RewardModelScorer(rm)([p["messages"] for p in PROMPTS[:3]], ["yes", "no", "maybe"], [{}] * 3)

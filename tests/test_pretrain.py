@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import tiny_recipe
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 
 def _losses(run_dir):
@@ -78,7 +78,7 @@ def test_run_skips_stages_whose_inputs_did_not_change(trained_run):
 def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, small_corpus, monkeypatch):
     """Interrupt by SIGINT in the middle of step 7, resume, and compare every step's loss."""
     from conftest import prepare_corpus
-    from ownlm import pretrain
+    from ownlm.pretrain import stage as pretrain
     from ownlm.tokenizer import run_tokenizer
 
     straight = tiny_recipe(tmp_path / "a", small_corpus)
@@ -112,7 +112,7 @@ def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, small_corpus, mon
 
 def test_truncated_checkpoint_is_named(tmp_path, small_corpus, monkeypatch):
     from conftest import prepare_corpus
-    from ownlm import pretrain
+    from ownlm.pretrain import stage as pretrain
     from ownlm.tokenizer import run_tokenizer
 
     r = tiny_recipe(tmp_path, small_corpus, pretrain={"max_steps": 6, "checkpoint_every": 2})
@@ -135,7 +135,7 @@ def test_truncated_checkpoint_is_named(tmp_path, small_corpus, monkeypatch):
 
 def test_init_from_continues_a_local_model(tmp_path, trained_run, small_corpus):
     from conftest import prepare_corpus
-    from ownlm import pretrain
+    from ownlm.pretrain import stage as pretrain
 
     base = trained_run.run_dir / "pretrain"
     r = tiny_recipe(
@@ -156,7 +156,7 @@ def test_init_from_continues_a_local_model(tmp_path, trained_run, small_corpus):
 def test_bf16_autocast_path_runs(tmp_path, small_corpus):
     """precision: bf16 trains under autocast (on CPU here; on GPUs `auto` picks it)."""
     from conftest import prepare_corpus
-    from ownlm import pretrain
+    from ownlm.pretrain import stage as pretrain
     from ownlm.tokenizer import run_tokenizer
 
     r = tiny_recipe(tmp_path, small_corpus, pretrain={"max_steps": 3, "precision": "bf16", "eval_every": 3})

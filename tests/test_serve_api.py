@@ -19,8 +19,7 @@ import openai
 import pytest
 import torch
 
-from ownlm.serve.api import create_app
-from ownlm.serve.engine import (
+from ownlm.engine.core import (
     CompletionOutput,
     Engine,
     EngineConfig,
@@ -28,8 +27,9 @@ from ownlm.serve.engine import (
     RequestMetrics,
     RequestOutput,
 )
-from ownlm.serve.engine import SamplingParams as EngineParams
-from ownlm.serve.frontends import AsyncFrontend, AsyncRequest
+from ownlm.engine.core import SamplingParams as EngineParams
+from ownlm.engine.frontends import AsyncFrontend, AsyncRequest
+from ownlm.serve.api import create_app
 from ownlm.serve.openai_responses import ToolCallStream
 
 MAX_PENDING = 64

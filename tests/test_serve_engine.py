@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ownlm.errors import OwnlmError
-from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
-from ownlm.serve.engine import Engine, EngineConfig, EngineError, RequestRejected, SamplingParams
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.core import Engine, EngineConfig, EngineError, RequestRejected, SamplingParams
+from ownlm.engine.detokenizer import IncrementalDetokenizer, TokenBytes
 
 UTF8_TEXT = "Grüße, 你好世界! naïve café 🙂 — über 東京 ✓"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -136,7 +136,7 @@ def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_
 
     from torch import nn
 
-    from ownlm.serve.packed_linear import PackedLinear, pack_linears, packed_linears
+    from ownlm.engine.packed_linear import PackedLinear, pack_linears, packed_linears
 
     linears = sum(type(m) is nn.Linear for m in model.modules())
     packed = copy.deepcopy(model)
@@ -266,7 +266,7 @@ def test_stop_token_ids_end_the_completion(model, tokenizer, prompts):
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
     assert out.text == tokenizer.decode(full.token_ids[:first], skip_special_tokens=True)
     # By default the chat template's end-of-turn ids stop (unless ignore_eos).
-    from ownlm.chat import stop_ids
+    from ownlm.models.chat_templates import stop_ids
 
     assert engine.default_stop_ids == stop_ids(tokenizer) and engine.default_stop_ids
 

@@ -16,10 +16,10 @@ import pytest
 import test_serve_api
 from test_serve_api import CALC, SCHEMA, USER, Server, concurrent_streams, hammer, healthy, wait_idle
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.core import Engine, EngineConfig, EngineError, SamplingParams
+from ownlm.engine.process import EngineProcess
 from ownlm.serve.api import create_app
-from ownlm.serve.engine import Engine, EngineConfig, EngineError, SamplingParams
-from ownlm.serve.engine_process import EngineProcess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 model, tokenizer = test_serve_api.model, test_serve_api.tokenizer  # the same tiny model's fixtures
@@ -281,8 +281,8 @@ def test_the_api_process_does_not_import_torch(model_dir):
     import sys
 
     code = (
-        "import sys, ownlm.cli, ownlm.serve.api, ownlm.serve.structured\n"
-        "from ownlm.serve.engine_process import EngineProcess\n"
+        "import sys, ownlm.cli, ownlm.serve.api, ownlm.engine.structured\n"
+        "from ownlm.engine.process import EngineProcess\n"
         f"e = EngineProcess({str(model_dir)!r}, threads=1)\n"
         "e.encode([{'role': 'user', 'content': 'hi'}]); e.encode('hi')\n"
         "e.shutdown()\n"

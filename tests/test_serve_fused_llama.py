@@ -1,4 +1,4 @@
-"""The engine's lean Llama-layout runner (`serve/fused_llama.py`) against the model's own modules."""
+"""The engine's lean Llama-layout runner (`engine/fused_llama.py`) against the model's own modules."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from test_serve_engine import _build as _llama  # the engine tests' tiny Llama
 from test_serve_engine import greedy, hf_greedy, prompts, tokenizer, tokens  # noqa: F401 (fixtures)
 from torch import nn
 
-from ownlm.serve.engine import Engine, EngineConfig
-from ownlm.serve.fused_llama import FusedLlama, FusedPart, fusable
-from ownlm.serve.packed_linear import pack_linears
+from ownlm.engine.core import Engine, EngineConfig
+from ownlm.engine.fused_llama import FusedLlama, FusedPart, fusable
+from ownlm.engine.packed_linear import pack_linears
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

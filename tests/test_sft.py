@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 CHATS = [
     [("user", "What is two plus two?"), ("assistant", "Four.")],
@@ -46,7 +46,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def sft_recipe(run_dir: Path, base: Path, **sft):
     """The recipe with an `sft` section: the real one once registered, else a stand-in."""
-    from ownlm.config import load_recipe, recipe_class
+    from ownlm.recipe import load_recipe, recipe_class
     from ownlm.sft import SFTConfig
 
     sft = {"base_model": str(base), "max_length": 64, "log_every": 1, "batch_size": 8, **sft}
@@ -100,7 +100,7 @@ def test_prompt_tokens_get_no_loss(tmp_path, base, tokenizer):
 def test_lora_lowers_loss_and_exports_a_plain_merged_model(tmp_path, base):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
     from ownlm.sft import run_sft
 
     run = tmp_path / "run"
@@ -140,7 +140,7 @@ def test_lora_lowers_loss_and_exports_a_plain_merged_model(tmp_path, base):
 
 
 def test_full_finetune_with_packing_and_bad_records(tmp_path, base):
-    from ownlm.artifacts import read_manifest
+    from ownlm.core.artifacts import read_manifest
     from ownlm.sft import run_sft
 
     bad = [
@@ -176,8 +176,8 @@ def test_nothing_usable_names_the_data_dir(tmp_path, base):
 
 
 def test_chatml_template_is_replaced_by_a_tool_aware_one_with_the_same_text(tokenizer):
-    from ownlm.chat_templates import adopt_chat_template, end_of_turn_token
-    from ownlm.tools import CALCULATOR, render_tool_call
+    from ownlm.models.chat_templates import adopt_chat_template, end_of_turn_token
+    from ownlm.models.tools import CALCULATOR, render_tool_call
 
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy we may change
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from ownlm.errors import OwnlmError
-from ownlm.shards import StepSampler, TokenShards, build_shards, is_heldout, val_rows
+from ownlm.core.errors import OwnlmError
+from ownlm.pretrain.shards import StepSampler, TokenShards, build_shards, is_heldout, val_rows
 
 
 @pytest.fixture(scope="module")

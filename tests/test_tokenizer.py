@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 
 @pytest.fixture(scope="module")

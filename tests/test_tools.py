@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from ownlm.tokenizer import CHAT_TEMPLATE
-from ownlm.tools import (
+from ownlm.models.chat_templates import CHAT_TEMPLATE
+from ownlm.models.tools import (
     CALCULATOR,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,

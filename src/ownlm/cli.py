@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 app = typer.Typer(
     help="ownlm: build your own assistant model end to end — data → clean → tokenizer → pretrain → sft.",
@@ -48,7 +48,7 @@ def user_errors(fn):
 
 
 def _recipe(recipe: str, ctx: typer.Context):
-    from ownlm.config import load_recipe
+    from ownlm.recipe import load_recipe
 
     return load_recipe(recipe, list(ctx.args))
 
@@ -178,10 +178,10 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
 ) -> None:
     """Chat in the terminal with streaming replies; /reset, /system TEXT, /exit. Tool calls run."""
-    from ownlm.chat import ChatSession, repl
-    from ownlm.models import load_model, load_tokenizer_for
+    from ownlm.engine.chat import ChatSession, repl
+    from ownlm.models import load_model, load_tokenizer_for, most_trained_model
 
-    path = _model_path(Path(model))
+    path = most_trained_model(Path(model))
     session = ChatSession(
         load_model(path),
         load_tokenizer_for(path),
@@ -192,14 +192,6 @@ def chat(
     session.send = functools.partial(session.send, max_new_tokens=max_new_tokens, temperature=temperature)
     print(f"chatting with {path} — /reset, /system TEXT, /exit")
     repl(session)
-
-
-def _model_path(path: Path) -> Path:
-    """A run directory means its most trained model: align, else sft, else pretrain."""
-    for stage in ("align", "sft", "pretrain"):
-        if (path / stage / "config.json").is_file():
-            return path / stage
-    return path
 
 
 @app.command()
@@ -232,12 +224,12 @@ def serve(
     ] = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
-    from ownlm.models import builtin_model
+    from ownlm.engine.config import EngineConfig
+    from ownlm.engine.process import EngineProcess
+    from ownlm.models import builtin_model, most_trained_model
     from ownlm.serve.api import run_server
-    from ownlm.serve.engine_config import EngineConfig
-    from ownlm.serve.engine_process import EngineProcess
 
-    path = _model_path(Path(model))
+    path = most_trained_model(Path(model))
     if builtin_model(model) is None and not path.exists():
         raise OwnlmError(f"{model}: no such run, model directory or GGUF file")
     name = served_model_name or (Path(model).stem if Path(model).is_file() else Path(model).resolve().name)
@@ -254,11 +246,11 @@ def serve(
     n_threads = threads or max(1, (os.cpu_count() or 2) - 1)
 
     def load():
-        if engine_process:  # this process then never imports torch (engine_process.py)
+        if engine_process:  # this process then never imports torch (engine/process.py)
             return EngineProcess(path, dtype=dtype, config=config, threads=n_threads)
         import torch
 
-        from ownlm.serve.engine import Engine
+        from ownlm.engine.core import Engine
 
         torch.set_num_threads(n_threads)
         return Engine.from_pretrained(path, dtype=dtype, config=config)
@@ -293,10 +285,10 @@ def sample(
     seed: int = 0,
 ) -> None:
     """Print a continuation of a prompt from a trained model."""
-    from ownlm.models import load_model, load_tokenizer_for
+    from ownlm.models import load_model, load_tokenizer_for, most_trained_model
     from ownlm.pretrain import generate_text
 
-    path = _model_path(Path(model))
+    path = most_trained_model(Path(model))
     m = load_model(path)
     tok = load_tokenizer_for(path)
     print(

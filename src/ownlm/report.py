@@ -7,8 +7,8 @@ import html
 import json
 from pathlib import Path
 
-from ownlm.artifacts import read_manifest
-from ownlm.errors import OwnlmError
+from ownlm.core.artifacts import read_manifest
+from ownlm.core.errors import OwnlmError
 
 # Artifact folders in pipeline order; alignment's sub-steps each have their own manifest.
 STAGES = ("data", "clean", "tokenizer", "shards", "pretrain", "instruct", "augment", "sft", "pairs", "reward",

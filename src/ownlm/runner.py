@@ -11,8 +11,8 @@ import functools
 import time
 from pathlib import Path
 
-from ownlm.config import STAGES
-from ownlm.progress import console
+from ownlm.core.progress import console
+from ownlm.recipe import STAGES
 
 
 def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
@@ -21,7 +21,7 @@ def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
     from ownlm.data.stage import run_data
     from ownlm.instruct.augment import run_augment
     from ownlm.instruct.stage import run_instruct
-    from ownlm.pretrain import run_pretrain
+    from ownlm.pretrain.stage import run_pretrain
     from ownlm.sft import run_sft
     from ownlm.tokenizer import run_tokenizer
 

@@ -8,7 +8,7 @@ free), so we do not hand-write a second training loop. What ownlm adds around it
   automatically (no bf16, no gradient checkpointing, no fused optimizer on CPU; bf16 on CUDA);
 - reading the JSONL ourselves: bad records (last turn not the assistant's, unknown roles, too long,
   malformed) are skipped and counted by reason instead of crashing mid-epoch;
-- `ownlm.chat_templates.adopt_chat_template`: a ChatML base model (e.g. SmolLM2) gets a template
+- `ownlm.models.chat_templates.adopt_chat_template`: a ChatML base model (e.g. SmolLM2) gets a template
   with the same text plus tool rendering and the markers assistant-only loss needs;
 - one plain HF directory out (LoRA merged), written atomically with a manifest, `metrics.jsonl`,
   `loss_curve.png`, our progress bar and a sample reply.
@@ -24,12 +24,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
-from ownlm.chat_templates import adopt_chat_template, end_of_turn_token
-from ownlm.errors import OwnlmError
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console, metrics_callback
 from ownlm.instruct.formats import iter_instruct_jsonl
-from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import console, metrics_callback
+from ownlm.models.chat_templates import adopt_chat_template, end_of_turn_token
+from ownlm.models.lora import LoraSettings, lora_config
 
 
 class SFTConfig(LoraSettings):
@@ -219,7 +219,7 @@ def train_sft(
         model.generation_config = generation_config(tokenizer)  # saved as generation_config.json
         model.save_pretrained(str(w.tmp))
         tokenizer.save_pretrained(str(w.tmp))
-        from ownlm.plots import loss_curve, read_jsonl
+        from ownlm.core.plots import loss_curve, read_jsonl
 
         loss_curve(metrics_path, w.tmp / "loss_curve.png", title="supervised fine-tuning")
         sample = chat_sample(model, tokenizer, cfg.sample_prompt, seed=seed)

@@ -13,17 +13,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, sha256_tree, stage_dir
-from ownlm.chat_templates import CHAT_TEMPLATE
-from ownlm.config import StrictModel
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, require_artifact, sha256_tree, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
 from ownlm.data.records import iter_jsonl
-from ownlm.errors import OwnlmError
-
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-END_OF_TURN = "<|end|>"
-ROLES = ("system", "user", "assistant", "tool")
-ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
-SPECIAL_TOKENS = (BOS, EOS, PAD, END_OF_TURN, *ROLE_TOKENS)
+from ownlm.models.chat_templates import BOS, CHAT_TEMPLATE, END_OF_TURN, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS
 
 
 class TokenizerConfig(StrictModel):
@@ -118,15 +112,6 @@ def load_tokenizer(path: Path | str):
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         raise OwnlmError(f"{p}: no tokenizer.json here")
     return AutoTokenizer.from_pretrained(str(p))
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end generation: our end-of-turn token and EOS (whichever exist)."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN,)]
-    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
 
 
 def run_tokenizer(recipe, force: bool = False) -> Path:

@@ -34,8 +34,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from ownlm.config import StrictModel
-from ownlm.errors import OwnlmError
+from ownlm.core.config import StrictModel, seeded
+from ownlm.core.errors import OwnlmError
 
 HERE = Path(__file__).parent
 DEFAULT_CONSTITUTION = HERE / "constitution.yaml"
@@ -335,7 +335,7 @@ def ai_preference_labels(
     """Soft labels P(first reply is better) from the feedback model, debiased over both orders.
 
     `probs_fn` maps conversations to [P(A), P(B)] after FEEDBACK_PREFIX (see
-    `ownlm.generation.next_token_probs`). Returns preference records `{prompt, chosen, rejected,
+    `ownlm.engine.offline.next_token_probs`). Returns preference records `{prompt, chosen, rejected,
     label, meta}` with the likelier-better reply as chosen and label = its probability (≥ 0.5).
     """
     drawn = [rng.choice(constitution) for _ in prompts]
@@ -397,8 +397,7 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     copied to runs/R/align. Each step is an artifact that is skipped when up to date.
     """
     from ownlm.align.dpo import run_dpo
-    from ownlm.align.stage import seeded
-    from ownlm.artifacts import artifact_hash
+    from ownlm.core.artifacts import artifact_hash
     from ownlm.sft import SFTConfig, train_sft
 
     c = cfg.cai
@@ -447,8 +446,8 @@ def _sl_data(
     """SL-CAI's SFT data: final revisions of red-team answers, plus plain answers to helpful prompts."""
     import functools
 
-    from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
-    from ownlm.generation import generate_replies
+    from ownlm.core.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
+    from ownlm.engine.offline import generate_replies
 
     critic_dir = feedback_model_dir(c, policy)
     inputs = {"policy": artifact_hash(policy), "prompts": sha256_json([harmful, helpful])}
@@ -497,8 +496,8 @@ def _rl_pairs(sl: Path, prompts, constitution, c, config, out: Path, rng, force:
     import functools
 
     from ownlm.align.preferences import write_pairs
-    from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
-    from ownlm.generation import generate_replies, next_token_probs
+    from ownlm.core.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
+    from ownlm.engine.offline import generate_replies, next_token_probs
 
     judge_dir = feedback_model_dir(c, sl)
     inputs = {"sl": artifact_hash(sl), "prompts": sha256_json(prompts)}
@@ -553,7 +552,7 @@ def _load(path: Path):
 def _copy_model(src: Path, out: Path, force: bool) -> Path:
     import shutil
 
-    from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir
+    from ownlm.core.artifacts import artifact_hash, is_up_to_date, stage_dir
 
     inputs = {"model": artifact_hash(src)}
     if not force and is_up_to_date(out, {}, inputs):

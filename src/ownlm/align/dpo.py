@@ -31,11 +31,11 @@ from pydantic import Field
 
 from ownlm.align.preferences import Messages, Pair, pair_files, read_pairs
 from ownlm.align.reward import plot_metrics, score, training_args
-from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir
-from ownlm.errors import OwnlmError
-from ownlm.generation import sample_replies
-from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import console, metrics_callback
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, stage_dir
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console, metrics_callback
+from ownlm.engine.offline import sample_replies
+from ownlm.models.lora import LoraSettings, lora_config
 
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -140,8 +140,8 @@ def run_dpo(
     from accelerate.state import AcceleratorState
     from transformers.utils import logging as hf_logging
 
+    from ownlm.core.plots import read_jsonl
     from ownlm.models import count_params, load_model, load_tokenizer_for
-    from ownlm.plots import read_jsonl
     from ownlm.sft import generation_config
 
     hf_logging.disable_progress_bar()

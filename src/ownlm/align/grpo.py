@@ -16,10 +16,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
-from ownlm.config import StrictModel
-from ownlm.errors import OwnlmError
-from ownlm.progress import console
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console
 
 
 class GRPOStageConfig(StrictModel):
@@ -79,8 +79,8 @@ def run_grpo(sft_dir: Path | str, records: list[dict], cfg: GRPOStageConfig, out
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from ownlm.core.progress import metrics_callback
     from ownlm.models import load_model, load_tokenizer_for
-    from ownlm.progress import metrics_callback
     from ownlm.sft import generation_config
 
     tok = load_tokenizer_for(sft_dir)

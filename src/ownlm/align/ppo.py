@@ -66,10 +66,10 @@ from ownlm.align.ppo_math import (
     whiten,
 )
 from ownlm.align.ppo_rewards import RewardModelScorer, TaskReward
-from ownlm.artifacts import artifact_hash, sha256_json, stage_dir
-from ownlm.errors import OwnlmError
-from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import bar, console
+from ownlm.core.artifacts import artifact_hash, sha256_json, stage_dir
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import bar, console
+from ownlm.models.lora import LoraSettings, lora_config
 
 Messages = list[dict[str, Any]]
 # A reward source: (prompt conversations, response texts, the prompt records' meta) → one score each.
@@ -252,7 +252,7 @@ def load_value_model(source: str | Path, policy_tokenizer, policy_config, *, fro
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from ownlm.attention import attn_implementation
+    from ownlm.models.attention import attn_implementation
 
     src = Path(source)
     if not (src / "config.json").is_file():
@@ -316,12 +316,12 @@ def generate_responses(
 
     Pure sampling from softmax(logits / T) (no top-k/top-p, no repetition penalty), so the log-probs
     PPO computes are those of the distribution that sampled. Through the serving engine
-    (`ownlm.generation.sample_completions`), all prompts decoding at once; each prompt's seed is
+    (`ownlm.engine.offline.sample_completions`), all prompts decoding at once; each prompt's seed is
     drawn from torch's global generator, so the run's seed makes the rollouts reproducible."""
     import torch
 
-    from ownlm.generation import sample_completions
-    from ownlm.serve.sampling import SamplingParams
+    from ownlm.engine.offline import sample_completions
+    from ownlm.engine.sampling import SamplingParams
 
     base = int(torch.randint(0, 2**62, ()).item())
     params = [
@@ -414,7 +414,7 @@ def _reward_kl_plot(metrics_path: Path, out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ownlm.plots import read_jsonl
+    from ownlm.core.plots import read_jsonl
 
     rows = read_jsonl(metrics_path)
     steps = [r["step"] for r in rows]
@@ -462,8 +462,8 @@ def run_ppo(
     result to `out_dir` (an artifact directory: a plain HF model + tokenizer). Returns `out_dir`."""
     import torch
 
-    from ownlm.chat import stop_ids as chat_stop_ids
     from ownlm.models import count_params, load_model, load_tokenizer_for, resolve_model_dir
+    from ownlm.models.chat_templates import stop_ids as chat_stop_ids
     from ownlm.sft import chat_sample, generation_config
 
     cfg = cfg or PPOConfig()

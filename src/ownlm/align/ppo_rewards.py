@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ownlm.artifacts import artifact_hash
-from ownlm.errors import OwnlmError
+from ownlm.core.artifacts import artifact_hash
+from ownlm.core.errors import OwnlmError
 
 Messages = list[dict[str, Any]]
 

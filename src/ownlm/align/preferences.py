@@ -26,7 +26,7 @@ uses the record's reference answer as chosen (`meta.chosen_source` says which). 
 sample is correct carry no preference and are counted (`all_correct`). The split into train/val is a
 stable hash of the prompt, so a prompt never straddles the two and reruns agree.
 
-Generation is `ownlm.generation.sample_replies`, which runs the serving engine on the policy.
+Generation is `ownlm.engine.offline.sample_replies`, which runs the serving engine on the policy.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
-from ownlm.config import StrictModel
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
 from ownlm.data.records import RecordError, iter_validated_jsonl
-from ownlm.errors import OwnlmError
-from ownlm.generation import sample_replies
+from ownlm.engine.offline import sample_replies
 from ownlm.instruct.formats import ROLES
 
 Pair = dict[str, Any]

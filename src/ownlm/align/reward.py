@@ -40,10 +40,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ownlm.align.preferences import Messages, Pair, as_messages, pair_files, read_pairs
-from ownlm.artifacts import artifact_hash, is_up_to_date, stage_dir, write_json_atomic
-from ownlm.errors import OwnlmError
-from ownlm.lora import LoraSettings, lora_config
-from ownlm.progress import console, metrics_callback
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, stage_dir, write_json_atomic
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console, metrics_callback
+from ownlm.models.lora import LoraSettings, lora_config
 
 REWARD_STATS = "reward_stats.json"
 
@@ -241,7 +241,7 @@ def plot_metrics(metrics_path: Path, out_png: Path, panels: Sequence[tuple[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ownlm.plots import read_jsonl
+    from ownlm.core.plots import read_jsonl
 
     rows = read_jsonl(metrics_path)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), dpi=110, squeeze=False)
@@ -380,8 +380,8 @@ def load_reward_base(sft_dir: str | Path, tokenizer, head_init_std: float | None
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from ownlm.attention import attn_implementation
     from ownlm.models import resolve_model_dir
+    from ownlm.models.attention import attn_implementation
 
     p = resolve_model_dir(sft_dir)
     config = AutoConfig.from_pretrained(str(p), num_labels=1)
@@ -500,6 +500,7 @@ def run_reward(
             method=cfg.method, steps=trainer.state.global_step, mean_train_loss=result.training_loss
         )
         w.metrics |= dict(train_time_s=train_time, params=count_params(model))
+        w.metrics["precision"] = "bf16" if trainer.args.bf16 else "fp32"
         w.metrics["val_accuracy"] = held_out["accuracy"] if held_out else None
         w.metrics["val_accuracy_before"] = before["accuracy"] if before else None
         w.metrics["val_margin"] = held_out["margin"] if held_out else None

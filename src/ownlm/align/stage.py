@@ -28,10 +28,10 @@ from ownlm.align.grpo import GRPOStageConfig
 from ownlm.align.ppo import PPOConfig
 from ownlm.align.preferences import PairsConfig
 from ownlm.align.reward import RewardConfig
-from ownlm.artifacts import artifact_hash, require_artifact
-from ownlm.config import StrictModel
-from ownlm.errors import OwnlmError
-from ownlm.progress import console
+from ownlm.core.artifacts import artifact_hash, require_artifact
+from ownlm.core.config import StrictModel, seeded
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console
 
 METHODS = ("rm", "dpo", "ppo", "grpo", "cai")
 
@@ -89,11 +89,6 @@ class AlignConfig(StrictModel):
         "reward_model", description="PPO's reward: the trained reward model, or the task checker directly."
     )
     cai: CAIConfig = Field(default_factory=CAIConfig, description="Constitutional AI.")
-
-
-def seeded(part: StrictModel, seed: int):
-    """A sub-config with the recipe's seed, unless the user set that sub-config's own seed."""
-    return part if "seed" in part.model_fields_set else part.model_copy(update={"seed": seed})
 
 
 def policy_dir(recipe, cfg: AlignConfig) -> Path:
@@ -187,6 +182,10 @@ def _run_ppo(recipe, cfg: AlignConfig, policy: Path, rm: Path, out: Path, force:
     records = [r for r in iter_instruct_jsonl(_instruct_train(recipe)) if _verifiable(r)]
     random.Random(recipe.seed).shuffle(records)
     ppo = seeded(cfg.ppo, recipe.seed)
+    if ppo.reward_model is None and (cfg.ppo_reward == "reward_model" or ppo.value_init == "reward_model"):
+        # The RM just trained is the one `value_init` means (auto: the value model starts from it
+        # whenever it is the reward, as documented).
+        ppo = ppo.model_copy(update={"reward_model": str(rm)})
     reward = RewardModelScorer(rm) if cfg.ppo_reward == "reward_model" else TaskReward(ppo.format_bonus)
     # run_ppo always trains; the stage skips it when policy, reward and config are unchanged.
     config = {"ppo": ppo.model_dump(), "reward": cfg.ppo_reward}
@@ -204,7 +203,7 @@ def _verifiable(rec: dict) -> bool:
 
 
 def _digest(records) -> str:
-    from ownlm.artifacts import sha256_json
+    from ownlm.core.artifacts import sha256_json
 
     return sha256_json([r["id"] for r in records])
 
@@ -214,7 +213,7 @@ _STAMP = "align_inputs.json"
 
 
 def _stamped(out: Path, config: dict, inputs: dict) -> bool:
-    from ownlm.artifacts import read_manifest, stage_fingerprint
+    from ownlm.core.artifacts import read_manifest, stage_fingerprint
 
     stamp = read_manifest(out) and out / _STAMP
     if not stamp or not stamp.is_file():
@@ -225,6 +224,6 @@ def _stamped(out: Path, config: dict, inputs: dict) -> bool:
 
 
 def _stamp(out: Path, config: dict, inputs: dict) -> None:
-    from ownlm.artifacts import stage_fingerprint, write_json_atomic
+    from ownlm.core.artifacts import stage_fingerprint, write_json_atomic
 
     write_json_atomic(out / _STAMP, {"fingerprint": stage_fingerprint(config, inputs), "inputs": inputs})

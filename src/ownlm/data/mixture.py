@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ownlm.config import StrictModel
+from ownlm.core.config import StrictModel
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 

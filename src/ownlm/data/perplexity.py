@@ -44,10 +44,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from ownlm.config import StrictModel
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
 from ownlm.data.ngram_lm import FALLBACK_DISCOUNTS, load_scorer, tokenize_document, train_kn
 from ownlm.data.readers import read_source
-from ownlm.errors import OwnlmError
 
 Bucket = Literal["head", "middle", "tail"]
 BUCKETS: tuple[Bucket, ...] = ("head", "middle", "tail")

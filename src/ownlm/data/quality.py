@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 from pydantic import Field, TypeAdapter, model_validator
 
-from ownlm.config import StrictModel
+from ownlm.core.config import StrictModel
 
 CODE_DOMAIN = "code"
 TERMINAL = (".", "!", "?", '"', "'", "”", "’")  # c4_utils' _END_MARKS, plus the closing quotes

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ownlm.core.errors import OwnlmError
 from ownlm.data.records import Record, decode_utf8, iter_jsonl_numbered
-from ownlm.errors import OwnlmError
 
 TEXT_SUFFIXES = (".txt", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")

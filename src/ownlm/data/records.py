@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 Record = dict[str, Any]
 META_FIELDS = ("domain", "source", "license")

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, sha256_tree, stage_dir
-from ownlm.config import StrictModel
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, sha256_tree, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
 from ownlm.data.default_corpus import ensure_default_corpus
 from ownlm.data.readers import read_source
 from ownlm.data.records import iter_jsonl, write_jsonl
-from ownlm.errors import OwnlmError
 
 
 class DataConfig(StrictModel):

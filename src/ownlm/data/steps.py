@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from ownlm.config import StrictModel
+from ownlm.core.config import StrictModel
 from ownlm.data import lsh
 from ownlm.data.pipeline import DocStep, Executor, GlobalStep, StepStats
 from ownlm.data.records import Record
@@ -232,6 +232,6 @@ class SimHashDedup(BandedDedup):
         return simhash_block_keys(fp, self.cfg.max_distance), fp[:, None]
 
     def verify(self, a, b):
-        from ownlm.data.dedup import hamming
+        from ownlm.data.dedup import hamming_distance
 
-        return hamming(a[:, 0], b[:, 0]) <= self.cfg.max_distance
+        return hamming_distance(a[:, 0], b[:, 0]) <= self.cfg.max_distance

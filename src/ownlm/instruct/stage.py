@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from ownlm.artifacts import is_up_to_date, sha256_file, sha256_tree, stage_dir
-from ownlm.config import StrictModel
-from ownlm.errors import OwnlmError
+from ownlm.core.artifacts import is_up_to_date, sha256_file, sha256_tree, stage_dir
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
 from ownlm.instruct import formats, tasks
 from ownlm.instruct.formats import iter_instruct_jsonl, to_chat
 from ownlm.instruct.sources import CHATTERBOT, chatterbot_records, package_version, python_faq_records

@@ -8,7 +8,7 @@ content hashes, so a prompt generated twice is one example and can never straddl
 
 Tool use teaches the OpenAI call shape on problems a small model cannot do in its head (3–5 digit
 arithmetic): the assistant calls `calculator`, a tool message returns its result (computed by
-`ownlm.tools.safe_calculate`, the same evaluator `ownlm chat` runs), and the assistant states it.
+`ownlm.models.tools.safe_calculate`, the same evaluator `ownlm chat` runs), and the assistant states it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from ownlm.tools import CALCULATOR, safe_calculate
+from ownlm.models.tools import CALCULATOR, safe_calculate
 
 Record = dict[str, Any]
 FAMILIES = ("arithmetic", "counting", "spelling", "format", "reasoning")
@@ -209,7 +209,7 @@ def check(task_meta: Record, model_text: str) -> bool:
 
 
 def safe_eval(expression: str) -> str:
-    """The calculator's own evaluator (`ownlm.tools.safe_calculate`): data, chat and evaluation agree."""
+    """The calculator's own evaluator (`models.tools.safe_calculate`): data, chat and evaluation agree."""
     return safe_calculate(expression)
 
 

@@ -8,16 +8,16 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both streaming as O
 `POST /detokenize`, `GET /health`, `GET /metrics` (Prometheus). Everything that touches the model
 goes through the engine: generation (`submit`), prompt rendering (`encode`), embeddings (`embed`).
 The engine is an `Engine` in this process or an `EngineProcess` (the engine in a child process,
-`ownlm serve`'s default; engine_process.py says why). It is loaded in a background thread at
+`ownlm serve`'s default; engine/process.py says why). It is loaded in a background thread at
 startup, so `/health` answers at once: 503 while loading (or once an engine process is gone), 200
 once it is ready.
 
 Tool calls: a request's `tools` are rendered by the chat template; the reply is split with
-`ownlm.tools.parse_tool_calls` into `message.tool_calls` (finish_reason "tool_calls"). When
+`ownlm.models.tools.parse_tool_calls` into `message.tool_calls` (finish_reason "tool_calls"). When
 streaming, text is sent as it comes until `<tool_call>` starts (a possible start of the tag is held
 back); from there the rest is buffered and sent as tool-call deltas when the choice ends.
 `tool_choice: "required"` or a named function constrain decoding to well-formed calls of the
-given tools (`ownlm.serve.structured`), as does `response_format` to JSON (a schema when given).
+given tools (`ownlm.engine.structured`), as does `response_format` to JSON (a schema when given).
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: a body that is not
 UTF-8 JSON or fails validation → 400 naming the field; unknown model → 404; a request that can
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 from ownlm.serve.api_errors import TEMPLATE_ERRORS, APIError, api_error_response, error_response, parse_body
 from ownlm.serve.metrics import Metrics, OutermostMiddleware
 from ownlm.serve.openai_requests import (
@@ -68,8 +68,8 @@ from ownlm.serve.server_state import ServerState
 from ownlm.serve.streaming import merge_outputs, new_id, run_generation, unless_disconnected
 
 if TYPE_CHECKING:  # the API process does not load torch when the engine runs in its own process
-    from ownlm.serve.engine import Engine
-    from ownlm.serve.engine_process import EngineProcess
+    from ownlm.engine.core import Engine
+    from ownlm.engine.process import EngineProcess
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from ownlm.serve.api_errors import error_response
 
 if TYPE_CHECKING:
-    from ownlm.serve.engine import Engine
-    from ownlm.serve.outputs import RequestOutput
+    from ownlm.engine.core import Engine
+    from ownlm.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from ownlm.engine.sampling_params import SamplingParams
 from ownlm.serve.api_errors import APIError
 from ownlm.serve.protocol import ChatMessage, NamedToolChoice
-from ownlm.serve.sampling_params import SamplingParams
 from ownlm.serve.server_state import ServerState
 
 if TYPE_CHECKING:
-    from ownlm.serve.engine import Engine
-    from ownlm.serve.engine_process import EngineProcess
+    from ownlm.engine.core import Engine
+    from ownlm.engine.process import EngineProcess
 
 
 def chat_messages(msgs: list[ChatMessage]) -> list[dict]:
@@ -109,7 +109,7 @@ def structured_tokens(state: ServerState, req, n: int):
     fmt = req.response_format
     choice = getattr(req, "tool_choice", None)
     tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []]
-    from ownlm.serve.structured import GrammarError
+    from ownlm.engine.structured import GrammarError
 
     try:
         if tools and (choice == "required" or isinstance(choice, NamedToolChoice)):

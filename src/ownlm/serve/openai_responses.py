@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ownlm.serve.outputs import EngineError, RequestOutput
-from ownlm.serve.sampling_params import TokenLogprob
+from ownlm.engine.outputs import EngineError, RequestOutput
+from ownlm.engine.sampling_params import TokenLogprob
+from ownlm.models.tools import TOOL_CALL_OPEN, parse_tool_calls
 from ownlm.serve.server_state import ServerState
 from ownlm.serve.streaming import SSE_DONE, sse_error, sse_event
-from ownlm.tools import TOOL_CALL_OPEN, parse_tool_calls
 
 
 class ToolCallStream:

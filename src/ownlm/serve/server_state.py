@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 from ownlm.serve.api_errors import APIError
 
-if TYPE_CHECKING:  # the API process does not load torch (engine_process.py)
-    from ownlm.serve.engine import Engine
-    from ownlm.serve.engine_process import EngineProcess
+if TYPE_CHECKING:  # the API process does not load torch (engine/process.py)
+    from ownlm.engine.core import Engine
+    from ownlm.engine.process import EngineProcess
 from ownlm.serve.metrics import Metrics
 
 
@@ -52,7 +52,7 @@ class ServerState:
     def structured(self):
         with self._structured_lock:
             if self._structured is None:
-                from ownlm.serve.structured import Structured
+                from ownlm.engine.structured import Structured
 
                 e = self.ready()
                 self._structured = Structured(e.tokenizer, e.vocab_size, e.default_stop_ids)
@@ -64,7 +64,7 @@ class ServerState:
         if hit is None:
             e = self.ready()
             if self._token_bytes is None:
-                from ownlm.serve.detokenizer import TokenBytes
+                from ownlm.engine.detokenizer import TokenBytes
 
                 self._token_bytes = TokenBytes(e.tokenizer)
             table = self._token_bytes.table

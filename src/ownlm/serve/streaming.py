@@ -13,12 +13,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.frontends import AsyncRequest
+from ownlm.engine.outputs import EngineError, RequestOutput
+from ownlm.engine.sampling_params import SamplingParams
+from ownlm.engine.scheduler import RequestRejected
 from ownlm.serve.api_errors import APIError
-from ownlm.serve.frontends import AsyncRequest
-from ownlm.serve.outputs import EngineError, RequestOutput
-from ownlm.serve.sampling_params import SamplingParams
-from ownlm.serve.scheduler import RequestRejected
 from ownlm.serve.server_state import ServerState
 
 

@@ -16,7 +16,7 @@ Both functions assume keys cover positions [0, kv_len) and queries are the last 
 or a `DynamicCache`); static caches are not supported.
 
 `additive_mask` and `sdpa_gqa` are the two attention helpers the serving engine (its per-row split
-in `serve/batched_forward.py`, its fused runner) shares.
+in `engine/batched_forward.py`, its fused runner) shares.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 ATTENTION_IMPLEMENTATIONS = {"dense": "sdpa", "sliding": "ownlm_sliding", "topk": "ownlm_topk"}
 

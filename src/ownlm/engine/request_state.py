@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from ownlm.serve.detokenizer import IncrementalDetokenizer, StopMatcher
-from ownlm.serve.outputs import CompletionOutput, RequestMetrics
-from ownlm.serve.sampling import SamplingParams, SequenceSampler, TokenLogprob
+from ownlm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from ownlm.engine.outputs import CompletionOutput, RequestMetrics
+from ownlm.engine.sampling import SamplingParams, SequenceSampler, TokenLogprob
 
 
 class SequenceState:

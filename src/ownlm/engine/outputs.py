@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ownlm.errors import OwnlmError
-from ownlm.serve.sampling_params import TokenLogprob
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.sampling_params import TokenLogprob
 
 
 class EngineError(OwnlmError):

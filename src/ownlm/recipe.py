@@ -1,8 +1,10 @@
 """Recipes: one YAML file of typed stage configs, with CLI overrides.
 
-Each stage owns its config class (next to the code that uses it, as TRL pairs XTrainer and XConfig);
-this module only composes them into a `Recipe`, loads YAML, applies `--stage.field value`
-overrides and turns validation failures into one clear line naming the file and the field.
+Each stage owns its config class (next to the code that uses it, as TRL pairs XTrainer and XConfig,
+all deriving from `ownlm.core.config.StrictModel`); this module only composes them into a `Recipe`,
+loads YAML, applies `--stage.field value` overrides and turns validation failures into one clear
+line naming the file and the field. It sits above the stages (beside `runner.py` and `cli.py`)
+because composing needs every stage's config class.
 """
 
 from __future__ import annotations
@@ -13,15 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model
 
-from ownlm.errors import OwnlmError
-
-
-class StrictModel(BaseModel):
-    """Base for every config: unknown fields are errors, so a typo never silently does nothing."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
 
 
 def _stage_types() -> dict[str, type[StrictModel]]:
@@ -32,7 +29,7 @@ def _stage_types() -> dict[str, type[StrictModel]]:
     from ownlm.instruct.augment import AugmentConfig
     from ownlm.instruct.stage import InstructConfig
     from ownlm.models import ModelConfig
-    from ownlm.pretrain import PretrainConfig
+    from ownlm.pretrain.stage import PretrainConfig
     from ownlm.sft import SFTConfig
     from ownlm.tokenizer import TokenizerConfig
 

@@ -1,7 +1,7 @@
 """Batched chat replies through the serving engine: the offline path for data and alignment stages.
 
 Stages that make data with a model (critiques and revisions, rollouts for preference pairs and PPO,
-augmentation) need many replies at once, not a chat loop. They go through `ownlm.serve.engine`, the
+augmentation) need many replies at once, not a chat loop. They go through `ownlm.engine.core`, the
 code path of `ownlm serve` and `ownlm chat`: an `Engine` is built on the already-loaded model (a
 peft model too) for the call and stepped in the calling thread (no background thread), so every
 caller samples with the same sampler, stops and KV cache as the server. Conversations are rendered
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 if TYPE_CHECKING:
-    from ownlm.serve.engine import RequestOutput, SamplingParams
+    from ownlm.engine.core import RequestOutput, SamplingParams
 
 Conversation = list[dict]
 
@@ -56,8 +56,8 @@ def sample_completions(
     sequences decoding at once. `max_tokens` is capped by what the model's context leaves; a prompt
     that leaves nothing is an error. The model is in eval mode while sampling, then back in its mode.
     `desc` names a progress bar over finished prompts (CAI and pair sampling take minutes)."""
-    from ownlm.serve.engine import Engine, EngineConfig
-    from ownlm.serve.packed_linear import packed_linears
+    from ownlm.engine.core import Engine, EngineConfig
+    from ownlm.engine.packed_linear import packed_linears
 
     if not prompts:
         return []
@@ -86,7 +86,7 @@ def sample_completions(
                 capped.append(dataclasses.replace(p, max_tokens=min(p.max_tokens, context - len(x))))
             if desc is None or len(prompts) < 2:
                 return engine.generate([list(x) for x in prompts], capped)
-            from ownlm.progress import bar
+            from ownlm.core.progress import bar
 
             with bar(desc, len(prompts)) as progress:
                 task = progress.tasks[0].id
@@ -127,8 +127,8 @@ def sample_turns(
     At most `batch_size` sequences decode at once. The one generation function of `align/`. A prompt
     that leaves no room for a reply in the model's context is an error (callers filter by length).
     """
-    from ownlm.chat import stop_ids
-    from ownlm.serve.sampling import SamplingParams
+    from ownlm.engine.sampling import SamplingParams
+    from ownlm.models.chat_templates import stop_ids
 
     if top_k is None:
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None) or 0

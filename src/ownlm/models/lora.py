@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ownlm.config import StrictModel
+from ownlm.core.config import StrictModel
 
 
 class LoraSettings(StrictModel):

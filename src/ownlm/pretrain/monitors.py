@@ -13,7 +13,7 @@ from collections import deque
 
 import numpy as np
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 
 class TrainingDiverged(OwnlmError):

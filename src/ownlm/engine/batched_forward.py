@@ -32,9 +32,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ownlm.attention import additive_mask, sdpa_gqa
-from ownlm.errors import OwnlmError
-from ownlm.serve.fused_llama import FusedLlama
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.fused_llama import FusedLlama
+from ownlm.models.attention import additive_mask, sdpa_gqa
 
 ENGINE_ATTENTION = "ownlm_engine"
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ownlm.errors import OwnlmError
-from ownlm.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ownlm.core.errors import OwnlmError
+from ownlm.models.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,7 @@ class Structured:
     def tool_calls(tools: list[dict], name: str | None = None) -> str:
         """One call of the tool `name`, or (name None) one or more calls of any of `tools`, each
         `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` with arguments valid against the
-        tool's parameter schema, several separated by a newline (ownlm.tools' convention)."""
+        tool's parameter schema, several separated by a newline (ownlm.models.tools' convention)."""
         from llguidance import LLMatcher
 
         rules = []

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ownlm.core.errors import OwnlmError
 from ownlm.data.records import iter_corpus
-from ownlm.errors import OwnlmError
 
 META = "shards.json"
 

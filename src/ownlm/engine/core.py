@@ -70,26 +70,23 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Union
 
 import torch
 
-from ownlm.errors import OwnlmError
-from ownlm.serve.batched_forward import Chunk, check_batched_forward, step_logits
-from ownlm.serve.detokenizer import IncrementalDetokenizer, TokenBytes
-from ownlm.serve.engine_config import EngineConfig
-from ownlm.serve.frontends import EngineFrontends, encode_prompt
-from ownlm.serve.fused_llama import FusedLlama
-from ownlm.serve.kv_cache import PrefixCache, SlotKVCache
-from ownlm.serve.outputs import CompletionOutput, EngineError, EngineStats, RequestMetrics, RequestOutput
-from ownlm.serve.request_state import RequestState, SequenceState
-from ownlm.serve.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample
-from ownlm.serve.scheduler import RequestRejected, Scheduler
-from ownlm.serve.sinks import AsyncSink, CollectSink
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.batched_forward import Chunk, check_batched_forward, step_logits
+from ownlm.engine.config import EngineConfig
+from ownlm.engine.detokenizer import IncrementalDetokenizer, TokenBytes
+from ownlm.engine.frontends import EngineFrontends, Prompt, encode_prompt
+from ownlm.engine.fused_llama import FusedLlama
+from ownlm.engine.kv_cache import PrefixCache, SlotKVCache
+from ownlm.engine.outputs import CompletionOutput, EngineError, EngineStats, RequestMetrics, RequestOutput
+from ownlm.engine.request_state import RequestState, SequenceState
+from ownlm.engine.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample
+from ownlm.engine.scheduler import RequestRejected, Scheduler
+from ownlm.engine.sinks import AsyncSink, CollectSink
 
 log = logging.getLogger(__name__)
-
-Prompt = Union[str, list[int], list[dict]]  # noqa: UP007 (a runtime alias)
 
 __all__ = [
     "CompletionOutput",
@@ -111,7 +108,7 @@ class Engine(EngineFrontends):
     def __init__(
         self, model, tokenizer, config: EngineConfig | None = None, *, runner: FusedLlama | None = None
     ):
-        from ownlm.chat import stop_ids
+        from ownlm.models.chat_templates import stop_ids
 
         self.model = model.eval()
         self.runner = runner  # the lean forward (`fused_llama`); None: the model's own modules
@@ -201,9 +198,9 @@ class Engine(EngineFrontends):
         """An engine for an HF model directory, a .gguf file or a built-in model name. It owns the
         model, so on CPU its linears get oneDNN-prepacked weights (`packed_linear`) and a
         Llama-layout model runs through the lean `fused_llama` runner."""
+        from ownlm.engine.packed_linear import copy_out_of_checkpoint
+        from ownlm.engine.packed_linear import pack_linears as pack
         from ownlm.models import load_model, load_tokenizer_for, resolve_model_dir
-        from ownlm.serve.packed_linear import copy_out_of_checkpoint
-        from ownlm.serve.packed_linear import pack_linears as pack
 
         if isinstance(dtype, str):
             f32, bf16 = torch.float32, torch.bfloat16

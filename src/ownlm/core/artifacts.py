@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("ownlm", "torch", "transformers", "tokenizers", "accelerate", "datasets", "safetensors")

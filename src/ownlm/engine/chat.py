@@ -1,9 +1,9 @@
 """The chat loop behind `ownlm chat`: a conversation with a model, streamed, with tool calls.
 
 `ChatSession.send` renders the conversation with the tokenizer's chat template, generates one
-assistant turn with the serving engine (`ownlm.serve.engine`: the same path as the API server;
+assistant turn with the serving engine (`ownlm.engine.core`: the same path as the API server;
 text streams as it arrives, stopping at the end-of-turn token), and when the reply
-contains tool calls (ownlm.tools' convention) runs them, feeds the results back as tool turns and
+contains tool calls (ownlm.models.tools' convention) runs them, feeds the results back as tool turns and
 generates again, at most `max_tool_rounds` times, so the model can state the answer.
 """
 
@@ -12,21 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from ownlm.tokenizer import end_of_turn_ids
-from ownlm.tools import CALCULATOR, parse_tool_calls, run_tool
+from ownlm.models.chat_templates import stop_ids
+from ownlm.models.tools import CALCULATOR, parse_tool_calls, run_tool
 
 StreamFn = Callable[[str], None]
 OnToolFn = Callable[[str, dict, str], None]
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """Ids that end an assistant turn: ours (`<|end|>`), the tokenizer's EOS, ChatML's `<|im_end|>`."""
-    ids = set(end_of_turn_ids(tokenizer))
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        if tok in vocab:
-            ids.add(vocab[tok])
-    return sorted(ids)
 
 
 class ChatSession:
@@ -90,7 +80,7 @@ class ChatSession:
         """The serving engine over this model (built on first use): chat, the API server and
         alignment rollouts share one generation path."""
         if self._engine is None:
-            from ownlm.serve.engine import Engine, EngineConfig
+            from ownlm.engine.core import Engine, EngineConfig
 
             self._engine = Engine(
                 self.model, self.tokenizer, EngineConfig(max_num_seqs=1, prefix_cache_fraction=0.5)
@@ -109,7 +99,7 @@ class ChatSession:
     ) -> str:
         """One assistant turn through the engine, text streamed as it is decoded. Ctrl-C closes the
         stream, which aborts the request; the prefix cache keeps earlier turns' keys and values."""
-        from ownlm.serve.sampling import SamplingParams
+        from ownlm.engine.sampling import SamplingParams
 
         params = SamplingParams(
             max_tokens=max_new_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 
-from ownlm.serve.outputs import RequestOutput
+from ownlm.engine.outputs import RequestOutput
 
 
 class CollectSink:

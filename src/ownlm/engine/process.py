@@ -62,15 +62,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ownlm.errors import OwnlmError
-from ownlm.serve.engine_config import EngineConfig
-from ownlm.serve.frontends import AsyncFrontend, AsyncRequest, encode_prompt
-from ownlm.serve.outputs import CompletionOutput, EngineError, EngineStats, RequestMetrics, RequestOutput
-from ownlm.serve.sampling_params import SamplingParams
-from ownlm.serve.scheduler import RequestRejected
+from ownlm.core.errors import OwnlmError
+from ownlm.engine.config import EngineConfig
+from ownlm.engine.frontends import AsyncFrontend, AsyncRequest, Prompt, encode_prompt
+from ownlm.engine.outputs import CompletionOutput, EngineError, EngineStats, RequestMetrics, RequestOutput
+from ownlm.engine.sampling_params import SamplingParams
+from ownlm.engine.scheduler import RequestRejected
 
 if TYPE_CHECKING:  # the API process does not load torch: only the engine process imports the engine
-    from ownlm.serve.engine import Engine, Prompt
+    from ownlm.engine.core import Engine
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class EngineProcess(AsyncFrontend):
         # threads and locks, and spawn re-imports the caller's main module (scripts without a
         # `__main__` guard would start again). The pipe is a socketpair the child inherits.
         ours, theirs = socket.socketpair()
-        code = "from ownlm.serve.engine_process import child_main; child_main()"
+        code = "from ownlm.engine.process import child_main; child_main()"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=[theirs.fileno()]
         )
@@ -401,8 +401,8 @@ def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: in
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine process): %(message)s")
     import torch
 
-    from ownlm.serve.engine import Engine
-    from ownlm.serve.structured import Structured, use_in_this_process
+    from ownlm.engine.core import Engine
+    from ownlm.engine.structured import Structured, use_in_this_process
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 
 class RequestRejected(OwnlmError):

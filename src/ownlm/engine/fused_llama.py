@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ownlm.attention import additive_mask, sdpa_gqa
-from ownlm.serve.packed_linear import PackedLinear, packing_supported
+from ownlm.engine.packed_linear import PackedLinear, packing_supported
+from ownlm.models.attention import additive_mask, sdpa_gqa
 
 # Decoder layers identical to Llama's: pre-norm RMSNorm, q/k/v (optional bias), rotary, o_proj,
 # residual, RMSNorm, gated MLP, residual.

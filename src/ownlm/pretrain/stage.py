@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ownlm.artifacts import (
+from ownlm.core.artifacts import (
     artifact_hash,
     is_up_to_date,
     require_artifact,
@@ -33,11 +33,11 @@ from ownlm.artifacts import (
     stage_fingerprint,
     write_json_atomic,
 )
-from ownlm.config import StrictModel
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import bar, console
 from ownlm.data.clean import corpus_dir
-from ownlm.errors import OwnlmError
-from ownlm.monitors import LossMonitor
-from ownlm.progress import bar, console
+from ownlm.pretrain.monitors import LossMonitor
 
 
 class PretrainConfig(StrictModel):
@@ -127,7 +127,7 @@ def _tokenizer_source(recipe, init_from: str | None) -> Path:
 
 def ensure_shards(recipe, tokenizer, tokenizer_hash: str) -> Path:
     """runs/<run>/shards/: rebuilt only when the corpus, tokenizer, seq_len or split changed."""
-    from ownlm.shards import build_shards
+    from ownlm.pretrain.shards import build_shards
 
     cfg = recipe.pretrain
     corpus = corpus_dir(recipe)
@@ -190,9 +190,9 @@ def run_pretrain(
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
 
+    from ownlm.core.perf import matmul_peak_gflops
     from ownlm.models import build_model, count_params, flops_per_token, load_model, load_tokenizer_for
-    from ownlm.perf import matmul_peak_gflops
-    from ownlm.shards import StepSampler, TokenShards, token_byte_lengths, val_rows
+    from ownlm.pretrain.shards import StepSampler, TokenShards, token_byte_lengths, val_rows
 
     _quiet_libraries()
     cfg: PretrainConfig = recipe.pretrain
@@ -457,7 +457,7 @@ def run_pretrain(
             tokenizer.save_pretrained(str(w.tmp))
             _save_generation_config(unwrapped, tokenizer, w.tmp)
             shutil.copy2(metrics_path, w.tmp / "metrics.jsonl")
-            from ownlm.plots import loss_curve
+            from ownlm.core.plots import loss_curve
 
             loss_curve(w.tmp / "metrics.jsonl", w.tmp / "loss_curve.png")
             sample = generate_text(unwrapped, tokenizer, cfg.sample_prompt, seed=recipe.seed)
@@ -516,7 +516,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _save_generation_config(model, tokenizer, out: Path) -> None:
     from transformers import GenerationConfig
 
-    from ownlm.tokenizer import end_of_turn_ids
+    from ownlm.models.chat_templates import end_of_turn_ids
 
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -4,7 +4,7 @@ Inside an assistant turn a call is written Hermes/Qwen style, JSON with the argu
 
     <tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}</tool_call>
 
-The chat templates (`ownlm.chat_templates`), the SFT data, the chat engine and the server
+The chat templates (`ownlm.models.chat_templates`), the SFT data, the chat engine and the server
 all use this exact form, so what the model is trained on is what the parser accepts. The JSON is
 `json.dumps(..., ensure_ascii=False)` with default separators, which is also what the template's
 `tojson` filter writes; several calls are separated by one newline.

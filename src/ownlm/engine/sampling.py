@@ -19,7 +19,7 @@ factory called once per sequence, returning a function of the sequence's generat
 the next token's allowed set (a bool mask over the vocabulary, or None for no constraint). Disallowed
 tokens are set to -inf after the penalties and before greedy/temperature/top-k/top-p, so every
 sampling mode only ever picks an allowed token; an all-False mask is ignored (nothing could be
-sampled). `ownlm.serve.structured` builds these from JSON schemas with llguidance.
+sampled). `ownlm.engine.structured` builds these from JSON schemas with llguidance.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import numpy as np
 import torch
 
-from ownlm.serve.sampling_params import SamplingParams, TokenLogprob, TokenMask
+from ownlm.engine.sampling_params import SamplingParams, TokenLogprob, TokenMask
 
 __all__ = ["SamplingParams", "SequenceSampler", "TokenLogprob", "TokenMask", "sample"]
 

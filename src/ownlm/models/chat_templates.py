@@ -8,7 +8,7 @@ the same way whatever the model:
 
 In both, `tools` (OpenAI schemas) are listed one JSON per line after `TOOLS_PREAMBLE` at the end of
 the system turn (one is created when there is none, holding the model's default system prompt if
-its template had one); an assistant message's `tool_calls` are written in ownlm.tools' convention
+its template had one); an assistant message's `tool_calls` are written in ownlm.models.tools' convention
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` after its content, one per line; tool
 results are ordinary `tool` turns. Assistant content, its calls and its end-of-turn token sit
 inside `{% generation %}` so TRL's assistant-only loss trains exactly what the model must emit.
@@ -27,7 +27,14 @@ from __future__ import annotations
 
 import json
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
+
+# ownlm's own tokens: the tokenizer stage trains them in, CHAT_TEMPLATE writes them.
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+END_OF_TURN = "<|end|>"
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
+SPECIAL_TOKENS = (BOS, EOS, PAD, END_OF_TURN, *ROLE_TOKENS)
 
 TOOLS_PREAMBLE = (
     "You can call these tools. To call one, reply with "
@@ -82,7 +89,7 @@ def _template(*, bos: str, open_turn: str, close: str, sep: str, default_system:
 
 # ownlm's tokenizers: role tokens, no newlines, BOS written by the template.
 CHAT_TEMPLATE = _template(
-    bos="{{ bos_token }}", open_turn="'<|' + role + '|>'", close="<|end|>", sep="", default_system=None
+    bos="{{ bos_token }}", open_turn="'<|' + role + '|>'", close=END_OF_TURN, sep="", default_system=None
 )
 
 _IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
@@ -170,5 +177,24 @@ def _adopt(tokenizer):
 def end_of_turn_token(tokenizer) -> str:
     """The token that ends an assistant turn: ours or ChatML's, whichever the template writes; else EOS."""
     vocab, template = tokenizer.get_vocab(), tokenizer.chat_template or ""
-    found = (t for t in ("<|end|>", _IM_END) if t in vocab and t in template)
+    found = (t for t in (END_OF_TURN, _IM_END) if t in vocab and t in template)
     return next(found, tokenizer.eos_token)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end generation: our end-of-turn token and EOS (whichever exist)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN,)]
+    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Ids that end an assistant turn: ours (`<|end|>`), the tokenizer's EOS, ChatML's `<|im_end|>`."""
+    ids = set(end_of_turn_ids(tokenizer))
+    vocab = tokenizer.get_vocab()
+    for tok in (_IM_END, "<|eot_id|>", "<end_of_turn>"):
+        if tok in vocab:
+            ids.add(vocab[tok])
+    return sorted(ids)

@@ -1,5 +1,5 @@
 """What a request asks of the sampler (`SamplingParams`) and what it reports per token
-(`TokenLogprob`): plain data, free of torch, so the API process (`engine_process`) can build and
+(`TokenLogprob`): plain data, free of torch, so the API process (`engine/process.py`) can build and
 send them without loading the model's libraries. `sampling.py` does the sampling."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ownlm.errors import OwnlmError
+from ownlm.core.errors import OwnlmError
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +26,7 @@ class SamplingParams:
     top_k: int = 0  # 0 (or -1) = off
     seed: int | None = None
     stop: str | list[str] | None = None  # stop strings; the returned text excludes them
-    stop_token_ids: list[int] | None = None  # None: the tokenizer's end-of-turn ids (ownlm.chat.stop_ids)
+    stop_token_ids: list[int] | None = None  # None: the end-of-turn ids (chat_templates.stop_ids)
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0

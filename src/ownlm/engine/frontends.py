@@ -1,10 +1,10 @@
 """The ways to consume the engine: whole results (`generate`), sync streaming (`stream`, driving the
 engine in the calling thread when no loop runs) and async streaming (`submit` / `generate_async`,
 for the HTTP layer). They only submit requests, step or wait, and abort what the consumer abandons;
-`Engine` (engine.py) inherits them and does the scheduling and the forwards. `embed` (mean-pooled
+`Engine` (core.py) inherits them and does the scheduling and the forwards. `embed` (mean-pooled
 hidden states) runs its own forward between engine steps.
 
-The async pair is shared with `engine_process.EngineProcess` (the engine in its own process): both
+The async pair is shared with `process.EngineProcess` (the engine in its own process): both
 implement `submit`, which raises submission errors at once and returns an `AsyncRequest`, and
 inherit `generate_async` from `AsyncFrontend`. `encode_prompt` is how both turn a prompt into ids."""
 
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
-from ownlm.serve.scheduler import RequestRejected
-from ownlm.serve.sinks import AsyncSink, CollectSink, QueueSink
+from ownlm.engine.scheduler import RequestRejected
+from ownlm.engine.sinks import AsyncSink, CollectSink, QueueSink
 
-if TYPE_CHECKING:  # engine.py imports this module
-    from ownlm.serve.engine import Prompt
-    from ownlm.serve.outputs import RequestOutput
-    from ownlm.serve.sampling import SamplingParams
+if TYPE_CHECKING:
+    from ownlm.engine.outputs import RequestOutput
+    from ownlm.engine.sampling import SamplingParams
+
+Prompt = Union[str, list[int], list[dict]]  # noqa: UP007 (a runtime alias)
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:

