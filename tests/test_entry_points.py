@@ -184,6 +184,13 @@ def test_every_choice_of_every_recipe_option_has_a_run():
     assert declared_choices() - wanted == set(), "runs declare choices the recipe does not have"
 
 
+def precision_used(choice: str) -> str:
+    """What a `precision` choice trains in here: auto is bf16 on CUDA only."""
+    import torch
+
+    return ("bf16" if torch.cuda.is_available() else "fp32") if choice == "auto" else choice
+
+
 def overrides(run: dict[str, str]) -> list[str]:
     return [a for k, v in run.items() for a in (f"--{k}", v)]
 
@@ -316,8 +323,7 @@ def test_pretraining_choices(choices_run, run):
     out = Path(ownlm("pretrain", "-r", recipe, "--restart", *overrides(run)).strip().splitlines()[-1])
     m = manifest(out)
     assert m["config"]["pretrain"]["schedule"] == run["pretrain.schedule"]
-    want = "fp32" if run["pretrain.precision"] == "auto" else run["pretrain.precision"]
-    assert m["metrics"]["precision"] == want
+    assert m["metrics"]["precision"] == precision_used(run["pretrain.precision"])
     model = load_model(out)
     assert model.config.attention_variant == run["model.attention"]
 
@@ -335,7 +341,7 @@ def test_sft_choices(pretrained, run):
     out = Path(ownlm("sft", "-r", recipe, *overrides(run)).strip().splitlines()[-1])
     m = manifest(out)
     assert m["config"]["sft"]["method"] == run["sft.method"]
-    assert m["metrics"]["precision"] == ("fp32" if run["sft.precision"] == "auto" else run["sft.precision"])
+    assert m["metrics"]["precision"] == precision_used(run["sft.precision"])
     assert not list(out.glob("adapter_*")), "a LoRA run is merged into a plain HF directory"
 
 
@@ -368,7 +374,7 @@ def test_alignment_choices(tuned, run):
             assert node == value, (key, node)
     precision = next((v for k, v in rest.items() if k.endswith(".precision")), None)
     if precision:
-        assert m["metrics"]["precision"] == ("fp32" if precision == "auto" else precision)
+        assert m["metrics"]["precision"] == precision_used(precision)
 
 
 # ------------------------------------------------------------------------------ every command
