@@ -100,9 +100,10 @@ def bench_tiny(recipe, ppo_steps: int, limit: int) -> dict:
 
 
 def bench_cai(recipe, limit: int) -> dict:
-    from ownlm.align.cai import benign_risky_prompts, red_team_prompts, refusal_rate, split
+    from ownlm.align.cai import refusal_rate
     from ownlm.engine.offline import generate_replies
     from ownlm.models import load_model, load_tokenizer_for
+    from ownlm.safety.prompts import benign_risky_prompts, red_team_prompts, split
 
     c = recipe.align.cai
     harmful = split([x["prompt"] for x in red_team_prompts()], c.test_fraction)["test"][:limit]

@@ -200,3 +200,17 @@ def stdlib_tokenizer(corpus_dir: Path, files: tuple[str, ...], vocab_size: int):
         for name in files:
             f.write(json.dumps({"id": name, "text": (stdlib / name).read_text(encoding="utf-8")}) + "\n")
     return train_tokenizer(corpus_dir, TokenizerConfig(vocab_size=vocab_size, min_frequency=2))
+
+
+# The safety classifier in seconds (a few texts per source, one short epoch): real training and a
+# real artifact, far too small to be good; the quality is `bench/safety.py`'s business.
+TINY_SAFETY = {"max_per_source": 16, "eval_per_source": 8, "epochs": 1, "max_length": 32, "per_template": 2,
+               "train_layers": "all"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def safety_classifier(tmp_path_factory) -> Path:
+    from ownlm.safety_training.stage import SafetyTrainConfig, train_safety_classifier
+
+    out = tmp_path_factory.mktemp("safety") / "safety"
+    return train_safety_classifier(SafetyTrainConfig(**TINY_SAFETY), out, seed=0)

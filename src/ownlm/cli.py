@@ -25,6 +25,8 @@ data_app = typer.Typer(
     help="Corpus commands: the embedded default corpus and the data stage.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+safety_app = typer.Typer(help="Content safety: train the classifier, check a text.", no_args_is_help=True)
+app.add_typer(safety_app, name="safety")
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 RecipeOpt = Annotated[
@@ -222,8 +224,17 @@ def serve(
             "do not share Python's GIL) or as a thread of the server process.",
         ),
     ] = True,
+    safety: Annotated[
+        Path | None,
+        typer.Option(help="Safety config YAML (rules, classifier, external moderation, policy)."),
+    ] = None,
+    no_safety: Annotated[
+        bool,
+        typer.Option("--no-safety", help="No content checks (default: on when the run has a classifier)."),
+    ] = False,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, moderations,
+    /metrics)."""
     from ownlm.engine.config import EngineConfig
     from ownlm.engine.process import EngineProcess
     from ownlm.models import builtin_model, most_trained_model
@@ -255,8 +266,66 @@ def serve(
         torch.set_num_threads(n_threads)
         return Engine.from_pretrained(path, dtype=dtype, config=config)
 
+    guard = _safety_guard(Path(model), safety, no_safety, shares_torch=not engine_process)
     print(f"serving {path} as {name!r} on http://{host}:{port}/v1", file=sys.stderr)
-    run_server(load, served_model_name=name, host=host, port=port, max_pending=max_pending)
+    run_server(load, served_model_name=name, host=host, port=port, max_pending=max_pending, safety=guard)
+
+
+def _safety_guard(model: Path, config: Path | None, off: bool, *, shares_torch: bool):
+    """The server's safety guard: from `--safety`, else the run's classifier when it has one."""
+    if off:
+        if config is not None:
+            raise OwnlmError("--safety and --no-safety contradict each other")
+        return None
+    from ownlm.core.artifacts import read_manifest
+    from ownlm.safety.config import ClassifierConfig, SafetyConfig, load_safety_config
+    from ownlm.safety.guard import SafetyGuard
+
+    if config is not None:
+        cfg = load_safety_config(config)
+    elif read_manifest(model / "safety") is not None:
+        cfg = SafetyConfig(classifier=ClassifierConfig(path=str(model / "safety")))
+    else:
+        return None
+    if cfg.classifier is not None and shares_torch:
+        # In-process, the engine set torch's threads; the classifier shares them.
+        cfg = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"threads": None})})
+    guard = SafetyGuard(cfg)
+    print(f"safety: {', '.join(guard.levels)} on prompts and replies", file=sys.stderr)
+    return guard
+
+
+@safety_app.command("train", context_settings=OVERRIDES)
+@user_errors
+def safety_train(ctx: typer.Context, recipe: RecipeOpt = "tiny", force: ForceOpt = False) -> None:
+    """Fine-tune the safety classifier (the `safety` stage): runs/NAME/safety/."""
+    from ownlm.safety_training.stage import run_safety
+
+    print(run_safety(_recipe(recipe, ctx), force=force))
+
+
+@safety_app.command("check")
+@user_errors
+def safety_check(
+    text: Annotated[str, typer.Argument(help="The text to check.")],
+    config: Annotated[Path | None, typer.Option(help="Safety config YAML (default: rules only).")] = None,
+    classifier: Annotated[Path | None, typer.Option(help="A safety classifier (runs/NAME/safety).")] = None,
+    reply: Annotated[bool, typer.Option("--reply", help="Judge it as a reply, not a prompt.")] = False,
+) -> None:
+    """Print the verdict of every configured level on one text, as JSON."""
+    import asyncio
+    import json
+
+    from ownlm.safety.config import ClassifierConfig, SafetyConfig, load_safety_config
+    from ownlm.safety.guard import SafetyGuard
+
+    cfg = load_safety_config(config) if config else SafetyConfig()
+    if classifier is not None:
+        cfg = cfg.model_copy(update={"classifier": ClassifierConfig(path=str(classifier))})
+    guard = SafetyGuard(cfg)
+    direction = "output" if reply else "input"
+    v = asyncio.run(guard.check(text, direction, full=True))
+    print(json.dumps({**v.as_dict(), "action": guard.action(v, direction)}, indent=2))
 
 
 @app.command(context_settings=OVERRIDES)

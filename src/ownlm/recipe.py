@@ -30,6 +30,7 @@ def _stage_types() -> dict[str, type[StrictModel]]:
     from ownlm.instruct.stage import InstructConfig
     from ownlm.models import ModelConfig
     from ownlm.pretrain.stage import PretrainConfig
+    from ownlm.safety_training.stage import SafetyTrainConfig
     from ownlm.sft import SFTConfig
     from ownlm.tokenizer import TokenizerConfig
 
@@ -42,16 +43,19 @@ def _stage_types() -> dict[str, type[StrictModel]]:
         "instruct": InstructConfig,
         "augment": AugmentConfig,
         "sft": SFTConfig,
+        "safety": SafetyTrainConfig,
         "align": AlignConfig,
     }
 
 
-STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "align")
+# `safety` (the content classifier) needs no model of the run; it precedes `align`, whose
+# Constitutional AI labels and refusal judge use it.
+STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "safety", "align")
 # `augment` (model-written instruction data) costs minutes of generation: a recipe opts in.
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "augment")
 
 
-StageName = Literal["data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "align"]
+StageName = Literal["data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "safety", "align"]
 
 
 class RecipeBase(StrictModel):

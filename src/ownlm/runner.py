@@ -22,6 +22,7 @@ def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
     from ownlm.instruct.augment import run_augment
     from ownlm.instruct.stage import run_instruct
     from ownlm.pretrain.stage import run_pretrain
+    from ownlm.safety_training.stage import run_safety
     from ownlm.sft import run_sft
     from ownlm.tokenizer import run_tokenizer
 
@@ -33,6 +34,7 @@ def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
         "instruct": run_instruct,
         "augment": run_augment,
         "sft": run_sft,
+        "safety": run_safety,
         "align": run_align,
     }
     wanted = set(recipe.stages)

