@@ -94,7 +94,7 @@ def test_a_harmful_prompt_is_blocked_and_a_look_alike_is_served(guarded, safety_
 
 
 def test_refuse_policy_answers_with_the_refusal(engine):
-    cfg = SafetyConfig(input_action="refuse", refusal="No, I won't help with that.")
+    cfg = SafetyConfig(input_action="refuse", refusal="No, I won't help with that.", max_chars=2000)
     s = serve(engine, cfg)
     try:
         client = s.client()
@@ -114,6 +114,10 @@ def test_refuse_policy_answers_with_the_refusal(engine):
             c.choices[0].text == "No, I won't help with that."
             and c.choices[0].finish_reason == "content_filter"
         )
+        with pytest.raises(openai.BadRequestError) as e:  # over-long: a clear 400, and the server stays up
+            client.moderations.create(input="x" * 2001)
+        assert e.value.code == "content_too_long" and "2000" in e.value.message
+        assert not client.moderations.create(input="x" * 2000).results[0].flagged
     finally:
         s.stop()
 

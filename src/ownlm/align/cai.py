@@ -31,10 +31,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError
 
-from ownlm.core.config import StrictModel, seeded
+from ownlm.core.config import StrictModel, read_yaml_mapping, seeded
 from ownlm.core.errors import OwnlmError
 from ownlm.safety.prompts import benign_risky_prompts, red_team_prompts, split
 
@@ -63,13 +62,10 @@ class CritiqueExample(StrictModel):
 
 
 def _read_constitution(p: Path) -> dict:
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise OwnlmError(f"{p}: cannot read the constitution: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise OwnlmError(f"{p}: not valid YAML: {e}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
+    raw = read_yaml_mapping(
+        p, "the constitution", "a constitution is a mapping with a non-empty 'principles' list"
+    )
+    if not raw:
         raise OwnlmError(f"{p}: a constitution is a mapping with a non-empty 'principles' list")
     return raw
 

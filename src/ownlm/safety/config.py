@@ -26,11 +26,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from ownlm.core.config import StrictModel
-from ownlm.core.errors import OwnlmError
+from ownlm.core.config import StrictModel, read_yaml_mapping, validate_file
 from ownlm.safety.categories import category_id
 
 Action = Literal["block", "refuse", "log"]
@@ -119,23 +117,10 @@ class SafetyConfig(StrictModel):
 
 def load_safety_config(path: str | Path) -> SafetyConfig:
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise OwnlmError(f"{p}: cannot read the safety config: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise OwnlmError(f"{p}: not valid YAML: {e}".replace("\n", " ")) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise OwnlmError(f"{p}: a safety config is a mapping (rules, classifier, external, …)")
-    try:
-        cfg = SafetyConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise OwnlmError(f"{p}: field '{field}': {err['msg']}") from None
-    return resolve_paths(cfg, p.parent)
+    raw = read_yaml_mapping(
+        p, "the safety config", "a safety config is a mapping (rules, classifier, external, …)"
+    )
+    return resolve_paths(validate_file(SafetyConfig, raw, p), p.parent)
 
 
 def resolve_paths(cfg: SafetyConfig, root: Path) -> SafetyConfig:

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ownlm.core.config import StrictModel
+from ownlm.core.config import StrictModel, read_yaml_mapping, validate_file
 from ownlm.core.errors import OwnlmError
 from ownlm.safety.categories import category_id
 from ownlm.safety.deobfuscate import deobfuscate
@@ -107,30 +106,11 @@ class Rule:
         return self.direction == "both" or self.direction == direction
 
 
-def _field_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def read_rule_file(path: Path) -> tuple[list[Rule], list[Rule]]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise OwnlmError(f"{path}: cannot read the safety rules: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise OwnlmError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise OwnlmError(f"{path}: a rules file is a mapping with 'block' and/or 'allow' lists")
-    try:
-        spec = RuleFile.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = _field_path(tuple(err["loc"])) or "(top level)"
-        raise OwnlmError(f"{path}: {where}: {err['msg']}") from None
+    raw = read_yaml_mapping(
+        path, "the safety rules", "a rules file is a mapping with 'block' and/or 'allow' lists"
+    )
+    spec = validate_file(RuleFile, raw, path)
     ids = [r.id for r in spec.block + spec.allow]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     if dup:

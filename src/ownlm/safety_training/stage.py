@@ -95,18 +95,27 @@ def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
-def best_threshold(scores: list[float], positive: list[bool]) -> float:
-    if not any(positive):
-        return 0.5
-    best, best_f1 = 0.5, -1.0
-    for t in sorted({round(s, 4) for s in scores if 0.2 <= s <= 0.95} | {0.5}):
-        tp = sum(s >= t and y for s, y in zip(scores, positive, strict=True))
-        fp = sum(s >= t and not y for s, y in zip(scores, positive, strict=True))
-        fn = sum(s < t and y for s, y in zip(scores, positive, strict=True))
-        f1 = prf(tp, fp, fn)["f1"]
+def _f1_at(t: float, scores: list[float], positive: list[bool]) -> float:
+    tp = sum(s >= t and y for s, y in zip(scores, positive, strict=True))
+    fp = sum(s >= t and not y for s, y in zip(scores, positive, strict=True))
+    fn = sum(s < t and y for s, y in zip(scores, positive, strict=True))
+    return prf(tp, fp, fn)["f1"]
+
+
+def _best_f1(candidates, scores: list[float], positive: list[bool], default: float) -> float:
+    best, best_f1 = default, -1.0
+    for t in sorted(candidates):
+        f1 = _f1_at(t, scores, positive)
         if f1 > best_f1:
             best, best_f1 = t, f1
     return best
+
+
+def best_threshold(scores: list[float], positive: list[bool]) -> float:
+    """The category threshold with the best validation F1, within [0.2, 0.95] (0.5 with no positives)."""
+    if not any(positive):
+        return 0.5
+    return _best_f1({round(s, 4) for s in scores if 0.2 <= s <= 0.95} | {0.5}, scores, positive, 0.5)
 
 
 def unsafe_threshold(scores: list[float], harmful: list[bool], harmless: list[bool], target: float) -> float:
@@ -115,15 +124,8 @@ def unsafe_threshold(scores: list[float], harmful: list[bool], harmless: list[bo
     neg = sorted((s for s, h in zip(scores, harmless, strict=True) if h), reverse=True)
     k = int(target * len(neg))
     floor = neg[k] if k < len(neg) else 0.0  # a threshold above it flags at most k of them
-    best, best_f1 = min(0.999, floor + 1e-4), -1.0
-    for t in sorted({s for s in scores if s > floor}):
-        tp = sum(s >= t and y for s, y in zip(scores, harmful, strict=True))
-        fp = sum(s >= t and not y for s, y in zip(scores, harmful, strict=True))
-        fn = sum(s < t and y for s, y in zip(scores, harmful, strict=True))
-        f1 = prf(tp, fp, fn)["f1"]
-        if f1 > best_f1:
-            best, best_f1 = t, f1
-    return round(best, 6)
+    default = min(0.999, floor + 1e-4)
+    return round(_best_f1({s for s in scores if s > floor}, scores, harmful, default), 6)
 
 
 def held_out_report(examples: list[Example], flagged: list[set[str]], labels: list[str]) -> dict:
