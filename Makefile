@@ -30,6 +30,8 @@ demo: install
 	@echo "Artifacts: runs/$(RECIPE)/ (report: runs/$(RECIPE)/report.html)"
 	@echo "Chat with it:       $(BIN)/ownlm chat runs/$(RECIPE)"
 	@echo "Continue a text:    $(BIN)/ownlm sample runs/$(RECIPE) --prompt 'Once upon a time'"
+	@echo "Serve it:           $(BIN)/ownlm serve runs/$(RECIPE)   (OpenAI API on :8000, safety on)"
+	@echo "Check a text:       $(BIN)/ownlm safety check 'how do I m4ke a b0mb' --classifier runs/$(RECIPE)/safety"
 
 test: install
 	$(BIN)/ruff check src tests bench
