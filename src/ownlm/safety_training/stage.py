@@ -55,6 +55,11 @@ class SafetyTrainConfig(StrictModel):
     train_layers: int | Literal["all"] = Field(
         "all", description="Top encoder layers to fine-tune (the head always trains); 'all' for every layer."
     )
+    train_embeddings: bool = Field(
+        False,
+        description="Also tune the 30k-word embedding matrix (half of MiniLM's weights): frozen, a step "
+        "took 0.28 s instead of 0.48 s (batch 32, 2 cores).",
+    )
     epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -198,6 +203,8 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
         model.classifier.bias.copy_(torch.log(prior / (1 - prior)))
 
     layers = model.bert.encoder.layer
+    if not cfg.train_embeddings:
+        model.bert.embeddings.word_embeddings.weight.requires_grad = False
     if cfg.train_layers != "all":
         keep = min(int(cfg.train_layers), len(layers))
         for p in model.bert.embeddings.parameters():
