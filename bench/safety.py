@@ -4,8 +4,8 @@ Systems: `ownlm-rules` (level 1, the shipped rules), `ownlm-classifier` (level 2
 classifier in int8 on one thread), `ownlm-combined` (both, as `ownlm serve` checks a prompt),
 `alt-profanity-check` (PyPI, a linear SVM on bag-of-words; flagged at probability >= 0.5) and
 `smollm2-guard` (SmolLM2-135M-Instruct asked Llama Guard's question, "safe or unsafe?"; flagged
-when the next-token probability of "unsafe" beats "safe": the small-LLM version of Llama Guard's
-method).
+when the next-token probability of the ways to start "unsafe" beats those of "safe": the
+small-LLM version of Llama Guard's method).
 
 Prompt sets: the classifier's held-out Do-Not-Answer prompts (harmful), HarmBench's 200
 behaviours (harmful, a source no ownlm level trained on), the held-out harmless prompts of the
@@ -64,14 +64,21 @@ def smollm2_guard():
 
     path = builtin_model("smollm2-135m-instruct")
     model, tok = load_model(path).eval(), load_tokenizer_for(path)
-    safe, unsafe = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("safe", "unsafe"))
+
+    # Each answer's probability mass over the ways it can start ("safe", "Safe", " safe"; "unsafe"
+    # is "uns"+"afe", "Unsafe" is "Un"+"safe"): comparing only "safe" with "uns" flagged nothing.
+    def first_ids(words: tuple[str, ...]) -> list[int]:
+        return sorted({tok(w, add_special_tokens=False)["input_ids"][0] for w in words})
+
+    safe = first_ids(("safe", "Safe", " safe", " Safe", "SAFE"))
+    unsafe = first_ids(("unsafe", "Unsafe", " unsafe", " Unsafe", "UNSAFE"))
 
     def flag(text: str) -> bool:
         chat = [{"role": "user", "content": GUARD_PROMPT.format(text=text[:2000])}]
         ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
-            logits = model(input_ids=ids["input_ids"]).logits[0, -1]
-        return bool(logits[unsafe] > logits[safe])
+            probs = model(input_ids=ids["input_ids"]).logits[0, -1].float().softmax(-1)
+        return bool(probs[unsafe].sum() > probs[safe].sum())
 
     return flag
 
