@@ -3,11 +3,12 @@
 A client never holds more than `window` tokens past the end of the last prefix that passed a
 check: text is released as it comes while the released part stays within `window` tokens of
 the checked part; beyond that the stream waits for the check in flight. Checks run on the whole
-text so far, one at a time, and the next one starts as soon as the last one ends, so under a
-fast model a check covers many tokens and costs little. If the violation becomes detectable at
+text so far, one at a time. If the violation becomes detectable at
 token t (the first prefix that a check flags ends at t), the client has seen at most t - 1 +
 `window` tokens, so at most `window` tokens past it. `window=0` is the buffered mode: nothing
-unchecked is ever released (text arrives in bursts, one per check).
+unchecked is ever released (text arrives in bursts, one per check). A check starts when `window`
+tokens are unchecked (every token in buffered mode), so a reply of n tokens costs about
+n / window checks, plus one for the end.
 
 The guard sees raw model text, tool-call markup and JSON included, so tool-call arguments and
 JSON-mode output are checked like prose. At the end the whole reply is checked once more before
@@ -41,8 +42,14 @@ class StreamGuard:
     def stopped(self) -> bool:
         return self.verdict is not None
 
-    def _start(self) -> None:
-        if self.task is None and len(self.ends) > self.checked and not self.stopped:
+    def _start(self, final: bool = False) -> None:
+        # A check starts once `window` tokens are unchecked (one per window of text, not one per
+        # step: under load, back-to-back checks of every stream saturated the classifier's core),
+        # or for whatever is left at the end.
+        due = len(self.ends) - self.checked >= max(1, self.window) or (
+            final and len(self.ends) > self.checked
+        )
+        if self.task is None and due and not self.stopped:
             self.task_tokens = len(self.ends)
             self.checks += 1
             self.task = asyncio.ensure_future(self.check(self.text[: self.ends[-1]]))
@@ -90,7 +97,7 @@ class StreamGuard:
         """At the end of the reply: check what is unchecked, then release the rest (or stop)."""
         while not self.stopped and (self.task is not None or self.checked < len(self.ends)):
             if self.task is None:
-                self._start()
+                self._start(final=True)
             await self._settle()
         return "" if self.stopped else self._release(len(self.ends))
 
