@@ -83,3 +83,15 @@ def test_sample_prints_a_continuation(trained_run, tmp_path):
     res = ownlm("sample", str(trained_run.run_dir), "--prompt", "The", "--max-new-tokens", "10", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("The") and len(res.stdout.strip()) > len("The")
+
+
+def test_serve_safety_options_fail_before_loading_a_model(tmp_path):
+    """`ownlm serve --safety FILE` reads the file first: a malformed one is one error line naming
+    the file and field; `--safety` with `--no-safety` is refused."""
+    bad = tmp_path / "safety.yaml"
+    bad.write_text("stream: {mode: sometimes}\n")
+    res = ownlm("serve", "smollm2-135m-instruct", "--safety", str(bad), cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "safety.yaml: field 'stream.mode'" in res.stderr
+    res = ownlm("serve", "smollm2-135m-instruct", "--safety", str(bad), "--no-safety", cwd=tmp_path)
+    assert res.returncode == 1 and "contradict" in res.stderr

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 _INVISIBLE = re.compile(
     "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
@@ -109,6 +109,7 @@ def _unspace(text: str) -> str:
     return _SPACED.sub(join, text)
 
 
+@lru_cache(maxsize=512)  # the rules and the classifier normalise the same text: once
 def deobfuscate(text: str) -> Deobfuscated:
     undone: list[str] = []
 

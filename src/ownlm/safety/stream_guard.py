@@ -35,7 +35,6 @@ class StreamGuard:
         self.task: asyncio.Task | None = None
         self.task_tokens = 0
         self.verdict: Verdict | None = None  # the flagged verdict that stopped the stream
-        self.checks = 0
         self.logged: list[Verdict] = []  # flagged verdicts whose action let the text through
 
     @property
@@ -51,7 +50,6 @@ class StreamGuard:
         )
         if self.task is None and due and not self.stopped:
             self.task_tokens = len(self.ends)
-            self.checks += 1
             self.task = asyncio.ensure_future(self.check(self.text[: self.ends[-1]]))
 
     async def _settle(self) -> None:

@@ -57,8 +57,8 @@ class SafetyTrainConfig(StrictModel):
     )
     train_embeddings: bool = Field(
         False,
-        description="Also tune the 30k-word embedding matrix (half of MiniLM's weights): frozen, a step "
-        "took 0.28 s instead of 0.48 s (batch 32, 2 cores).",
+        description="Also tune the 30k-word embedding matrix (half of MiniLM's weights). Frozen, the "
+        "demo's stage took 90 s instead of 102 (`ownlm safety train`, manifest train_time_s 73 vs 89).",
     )
     epochs: float = Field(3.0, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -72,8 +72,9 @@ class SafetyTrainConfig(StrictModel):
     eval_per_source: int = Field(300, ge=1, description="Cap on each held-out split per source (fixed).")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="Held out for tests (≥ align.test_fraction).")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="Held out for threshold calibration.")
-    # 0.05: on the tiny recipe's classifier, 0.03 kept look-alike false blocks at 0 but HarmBench
-    # blocks at 0.73 (combined with the rules); 0.05 gave 0.80 at 0.03 false blocks; 0.08, 0.90 at 0.11.
+    # 0.05: a sweep by hand over the tiny recipe's validation scores (stop 26, not a project
+    # command) gave HarmBench blocks (with the rules) 0.73 at 0.03, 0.80 at 0.05, 0.90 at 0.08, with
+    # look-alike false blocks 0.025, 0.034, 0.11; `bench/safety.py` measures the default.
     max_false_block: float = Field(
         0.05, gt=0, lt=1, description="Most harmless validation prompts the `unsafe` threshold may flag."
     )
@@ -137,7 +138,7 @@ def unsafe_threshold(scores: list[float], harmful: list[bool], harmless: list[bo
 
 
 def held_out_report(examples: list[Example], flagged: list[set[str]], labels: list[str]) -> dict:
-    """Per-category P/R/F1 and the block rates over one split (the bench computes the same)."""
+    """Per-category P/R/F1 and the block rates over one split."""
     per_cat = {}
     for c in labels:
         tp = sum(c in f and c in e.labels for e, f in zip(examples, flagged, strict=True))

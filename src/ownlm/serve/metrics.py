@@ -78,6 +78,14 @@ class Metrics:
             "ownlm_safety_level_unavailable", "Checks a safety level could not answer", ["level"], registry=r
         )
 
+    def count_verdict(self, direction: str, v, action: str | None) -> None:
+        """One safety verdict: per flagged category with its action, or as category none / pass."""
+        for level in v.unavailable:
+            self.safety_unavailable.labels(level=level).inc()
+        for c in v.categories if v.flagged else ("none",):
+            act = action if v.flagged else "pass"
+            self.safety_verdicts.labels(direction=direction, level=v.level, category=c, action=act).inc()
+
     def on_finish(self, out: RequestOutput) -> None:  # engine listener (engine thread)
         m = out.metrics
         if m.ttft is not None:

@@ -51,12 +51,7 @@ async def moderation_body(guard: SafetyGuard, req: ModerationRequest, metrics: M
     for v in verdicts:
         flags = dict.fromkeys(v.categories, True)
         cats, scores = to_openai(flags, v.scores)
-        action = "flag" if v.flagged else "pass"
-        for c in v.categories or ("none",):
-            labels = {"direction": "moderation", "level": v.level, "category": c, "action": action}
-            metrics.safety_verdicts.labels(**labels).inc()
-        for level in v.unavailable:
-            metrics.safety_unavailable.labels(level=level).inc()
+        metrics.count_verdict("moderation", v, "flag")
         results.append(
             {
                 "flagged": v.flagged,

@@ -42,14 +42,9 @@ class SafetyFilter:
         self.config = guard.config
 
     def record(self, rid: str, direction: str, v: Verdict, action: str | None, text: str) -> None:
-        m = self.metrics
-        for level in v.unavailable:
-            m.safety_unavailable.labels(level=level).inc()
+        self.metrics.count_verdict(direction, v, action)
         if not v.flagged:
-            m.safety_verdicts.labels(direction=direction, level=v.level, category="none", action="pass").inc()
             return
-        for c in v.categories:
-            m.safety_verdicts.labels(direction=direction, level=v.level, category=c, action=action).inc()
         extra = {"request_id": rid, "direction": direction, "action": action, "verdict": v.as_dict()}
         if self.config.log_text:
             extra["text"] = text
@@ -116,7 +111,6 @@ class ChoiceFilter:
         self.guard = StreamGuard(check, stops, window)
         self.lps: list = []  # logprobs of tokens not yet released
         self.sent_lps = 0
-        self.tokens = 0
 
     @property
     def stopped(self) -> bool:
@@ -130,7 +124,6 @@ class ChoiceFilter:
 
     async def feed(self, delta: str, n_tokens: int, logprobs: list | None) -> tuple[str, list]:
         self.lps += logprobs or []
-        self.tokens += n_tokens
         text = await self.guard.feed(delta, n_tokens)
         return text, self._lps()
 
