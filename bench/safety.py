@@ -1,7 +1,8 @@
 """bench/safety.py: ownlm's safety levels against two peers, on the same prompts in one run.
 
 Systems: `ownlm-rules` (level 1, the shipped rules), `ownlm-classifier` (level 2, the run's
-classifier in int8 on one thread), `ownlm-combined` (both, as `ownlm serve` checks a prompt),
+classifier as served: bf16 or int8 by CPU, one thread), `ownlm-combined` (both, as `ownlm serve`
+checks a prompt),
 `alt-profanity-check` (PyPI, a linear SVM on bag-of-words; flagged at probability >= 0.5) and
 `smollm2-guard` (SmolLM2-135M-Instruct asked Llama Guard's question, "safe or unsafe?"; flagged
 when the next-token probability of the ways to start "unsafe" beats those of "safe": the
@@ -35,6 +36,7 @@ GUARD_PROMPT = (
 def prompt_sets(classifier: Path) -> dict[str, list[str]]:
     import json
 
+    from ownlm.safety.classifier import hazardous
     from ownlm.safety.prompts import harmbench_prompts
     from ownlm.safety_training.dataset import build_examples
 
@@ -50,7 +52,8 @@ def prompt_sets(classifier: Path) -> dict[str, list[str]]:
     )
     test = [e for e in ex if e.split == "test" and e.direction == "input"]
     return {
-        "harmful": [e.text for e in test if e.source == "donotanswer"],
+        # Advice prompts (S6 only) are left out: ownlm answers and logs them by default.
+        "harmful": [e.text for e in test if e.source == "donotanswer" and hazardous(e.labels)],
         "harmbench": harmbench_prompts(),
         "benign": [e.text for e in test if e.kind == "benign"],
         "lookalike": [e.text for e in test if e.kind == "lookalike"],
@@ -86,7 +89,7 @@ def smollm2_guard():
 def systems(classifier: Path) -> dict:
     from profanity_check import predict_prob
 
-    from ownlm.safety.classifier import SafetyClassifier
+    from ownlm.safety.classifier import SafetyClassifier, hazardous
     from ownlm.safety.config import ClassifierConfig, SafetyConfig
     from ownlm.safety.guard import SafetyGuard
     from ownlm.safety.rules import RuleSet
@@ -95,9 +98,10 @@ def systems(classifier: Path) -> dict:
     clf = SafetyClassifier(classifier, threads=1)
     combined = SafetyGuard(SafetyConfig(classifier=ClassifierConfig(path=str(classifier), threads=1)))
     return {
-        "ownlm-rules": lambda t: rules.check(t).flagged,
-        "ownlm-classifier": lambda t: clf.check(t).flagged,
-        "ownlm-combined": lambda t: combined.check_local(t).flagged,
+        # Blocked: flagged for a hazard (an advisory S6 flag alone is logged, not blocked).
+        "ownlm-rules": lambda t: hazardous(rules.check(t).categories),
+        "ownlm-classifier": lambda t: hazardous(clf.check(t).categories),
+        "ownlm-combined": lambda t: hazardous(combined.check_local(t).categories),
         "alt-profanity-check": lambda t: bool(predict_prob([t])[0] >= 0.5),
         "smollm2-guard": smollm2_guard(),
     }

@@ -175,6 +175,8 @@ def declared_choices() -> set[tuple[str, str]]:
     covered |= {("clean.perplexity.drop_buckets", b) for b in PPL_BUCKETS}
     covered |= {("stages", s) for s in recipe_choices()["stages"]}  # `ownlm run` in the command chain
     covered |= {("safety.train_layers", "all")}  # the journey's safety stage
+    covered |= {("safety.precision", "auto")}  # the journey's; bf16 and none: test_safety_data.py
+    covered |= {("safety.precision", p) for p in ("bf16", "none")}
     return covered
 
 

@@ -145,16 +145,20 @@ def test_guard_refuses_an_over_long_text():
     assert not guard.check_local("a" * 100).flagged
 
 
-def _stream(tokens: list[str], window: int) -> tuple[str, int, StreamGuard]:
+def _stream(
+    tokens: list[str], window: int, context: int | None = None, seen: list[str] | None = None
+) -> tuple[str, int, StreamGuard]:
     """Feed tokens through a StreamGuard on the rules (the check yields to the loop, as a real
     one in a worker thread does); return the text released and the token count at detection."""
 
     async def check(text: str):
+        if seen is not None:
+            seen.append(text)
         await asyncio.sleep(0.001)
         return RULES.check(text, "output")
 
     async def main():
-        g = StreamGuard(check, lambda v: True, window)
+        g = StreamGuard(check, lambda v: True, window, context)
         out = ""
         for t in tokens:
             out += await g.feed(t)
@@ -187,3 +191,30 @@ def test_stream_guard_releases_a_clean_reply_whole():
     for window in (0, 3):
         out, _, g = _stream(tokens, window)
         assert out == "".join(tokens) and not g.stopped
+
+
+@pytest.mark.parametrize(("window", "context"), [(0, 0), (1, 2), (4, 3), (8, 16)])
+def test_stream_checks_read_every_token_with_bounded_context(window, context):
+    words = ("Sure . Here is a long and harmless answer about the history of Paris , " * 6).split()
+    tokens = [w + " " for w in words]
+    seen: list[str] = []
+    out, _, g = _stream(tokens, window, context, seen)
+    assert out == "".join(tokens) and not g.stopped
+    # Each check reads at most its new tokens plus `context` (a check starts once `window` are
+    # new, or one at a time in buffered mode; the loop may add the tokens fed while it waited).
+    assert max(len(t.split()) for t in seen) <= context + max(window, 1) * 2
+    covered = set()  # every token is read by some check
+    for t in seen:
+        n = len(t.split())
+        ends = [i for i in range(n, len(words) + 1) if "".join(tokens[i - n : i]) == t]
+        covered |= {j for e in ends for j in range(e - n, e)}
+    assert covered == set(range(len(words)))
+
+
+def test_a_violation_is_caught_by_tail_checks_long_into_a_reply():
+    words = ("The history of Paris is long . " * 20 + "Now , to make a pipe bomb you need").split()
+    tokens = [w + " " for w in words]
+    out, _, g = _stream(tokens, 8, 4)
+    assert g.stopped and g.verdict.categories == ("S9",)
+    detectable = words.index("bomb") + 1
+    assert detectable - 1 < len(out.split()) <= detectable - 1 + 8

@@ -251,3 +251,38 @@ def test_a_classifier_for_another_label_set_or_tokenizer_is_refused(safety_class
     clf = SafetyClassifier(safety_classifier)
     v = clf.check("x " * 5000)  # far past the window: scored over several windows
     assert v.level == "classifier" and set(v.scores) == set(clf.labels)
+
+
+def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety_classifier):
+    from ownlm.safety.batcher import ClassifierBatcher
+
+    clf = SafetyClassifier(safety_classifier, quantize="bf16")  # int8's scales are per batch
+    texts = [HARMFUL, "What is the capital of France?", "kill the stuck build job", "x " * 400] * 4
+    dirs = ["input", "output"] * 8
+    alone = [clf.score_items([(t, d)])[0] for t, d in zip(texts, dirs, strict=True)]
+    batcher = ClassifierBatcher(clf, max_batch=8)
+
+    async def main():
+        return await asyncio.gather(*(batcher.check(t, d) for t, d in zip(texts, dirs, strict=True)))
+
+    got = asyncio.run(main())
+    assert batcher.checks == 16 and batcher.passes < 16  # all 16 arrived while the first pass ran
+    for v, s in zip(got, alone, strict=True):
+        assert v.level == "classifier" and v.scores.keys() == s.keys()
+        # In bf16 a row's scores hardly depend on its batch (~1e-4 from kernel choices by shape;
+        # int8's per-tensor activation scales moved them by up to 0.15).
+        assert max(abs(v.scores[k] - s[k]) for k in s) < 2e-3
+        assert v.flagged == bool(clf.decide(s))
+
+    def broken(items):
+        raise RuntimeError("out of memory")
+
+    clf.score_items = broken  # every waiting request gets the error; none hangs
+
+    async def failing():
+        return await asyncio.gather(*(batcher.check(t) for t in texts[:3]), return_exceptions=True)
+
+    assert [str(e) for e in asyncio.run(failing())] == ["out of memory"] * 3
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(batcher.check("hello"))

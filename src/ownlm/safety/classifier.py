@@ -12,8 +12,9 @@ Texts are deobfuscated first (the same normalisation as the rules). A text longe
 model's window is scored in up to `max_windows` overlapping windows spread over it, and each
 category takes its highest score, so harm at the end of a long jailbreak is not cut off.
 
-On CPU the model runs with int8 dynamic quantization (`ownlm.models.int8`): ~4 ms for a short
-prompt on one core, where fp32 took ~18 ms.
+On CPU the model runs in bf16 where the CPU computes it natively, else with int8 dynamic
+quantization (`ownlm.models.cpu_precision`, with the measurements): ~5 ms for a short prompt on
+one core, ~1.3 ms each for prompts scored together (`safety.batcher`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Literal
 
 from ownlm.core.errors import OwnlmError
+from ownlm.models.cpu_precision import Precision, for_cpu_inference, resolve
 from ownlm.safety.categories import CATEGORIES
 from ownlm.safety.deobfuscate import deobfuscate
 from ownlm.safety.verdict import Verdict
@@ -33,6 +34,17 @@ FORMAT = 1
 # The label that says whether a text is harmful at all (Llama Guard's safe/unsafe, before its
 # categories): learnt from every harmful text, it decides `flagged`; the categories say why.
 UNSAFE = "unsafe"
+# Categories flagged on their own score, never through `unsafe`: advice on health, money or law
+# (S6) is a topic to answer and log by default, not a hazard. Trained as a hazard, Do-Not-Answer's
+# 89 advice prompts taught `unsafe` that any medical or money question is one.
+ADVISORY = frozenset({"S6"})
+
+
+def hazardous(categories) -> bool:
+    """Whether any of these categories is a hazard (`unsafe`), not only advisory."""
+    return any(c not in ADVISORY for c in categories)
+
+
 DIRECTION_WORD = {"input": "prompt", "output": "reply"}
 
 
@@ -76,9 +88,10 @@ class SafetyClassifier:
         self,
         path: str | Path,
         *,
-        quantize: Literal["int8", "none"] = "int8",
+        quantize: Precision = "auto",
         threads: int | None = 1,
         max_windows: int = 4,
+        rows_per_pass: int = 16,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -89,6 +102,7 @@ class SafetyClassifier:
         self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
         self.max_length = int(meta.get("max_length", 128))
         self.max_windows = max_windows
+        self.rows_per_pass = rows_per_pass
         try:
             config = AutoConfig.from_pretrained(self.path)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -109,9 +123,11 @@ class SafetyClassifier:
         if threads is not None:
             torch.set_num_threads(threads)
         model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
-        self.model = dynamic_int8_if(model, quantize)
+        self.precision = resolve(quantize)
+        self.model = for_cpu_inference(model, self.precision)
         self._torch = torch
         self._lock = threading.Lock()
+        self._first: dict[str, list[int]] = {}
 
     def _windows(self, ids: list[int], room: int) -> list[list[int]]:
         if len(ids) <= room:
@@ -124,60 +140,72 @@ class SafetyClassifier:
 
     def scores(self, texts: list[str], direction: str = "input") -> list[dict[str, float]]:
         """A score in [0, 1] per category for each text."""
-        if not texts:
+        return self.score_items([(t, direction) for t in texts])
+
+    def score_items(self, items: list[tuple[str, str]]) -> list[dict[str, float]]:
+        """Scores of (text, direction) pairs of either direction, in as few forward passes as
+        their lengths allow: rows are sorted by length and padded per chunk of `rows_per_pass`,
+        so one long text does not make every short one pay for its padding."""
+        if not items:
             return []
         tok = self.tokenizer
-        word = DIRECTION_WORD.get(direction, direction)
-        first = tok(word, add_special_tokens=False)["input_ids"]
-        room = self.max_length - len(first) - 3  # [CLS] word [SEP] text [SEP]
-        pairs: list[tuple[int, list[int]]] = []
-        for i, text in enumerate(texts):
+        cls, sep = tok.cls_token_id, tok.sep_token_id
+        rows: list[tuple[int, list[int], int]] = []  # (item, ids, length of the first segment)
+        for i, (text, direction) in enumerate(items):
+            first = self._first_segment(direction)
+            room = self.max_length - len(first) - 3  # [CLS] word [SEP] text [SEP]
             ids = tok(deobfuscate(text).text, add_special_tokens=False, verbose=False)["input_ids"]
             ids = ids or [tok.unk_token_id]
-            pairs += [(i, w) for w in self._windows(ids, room)]
-        # The pair as the tokenizer encodes one in training: [CLS] word [SEP] text [SEP].
-        cls, sep = tok.cls_token_id, tok.sep_token_id
-        batch = [[cls, *first, sep, *w, sep] for _, w in pairs]
-        types = [[0] * (len(first) + 2) + [1] * (len(w) + 1) for _, w in pairs]
-        width = max(map(len, batch))
-        pad = tok.pad_token_id
-        torch = self._torch
-        input_ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
-        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
-        token_types = torch.tensor([t + [0] * (width - len(t)) for t in types])
-        with self._lock, torch.inference_mode():
-            probs = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types).logits
-            probs = probs.float().sigmoid().tolist()
-        out: list[dict[str, float]] = [dict.fromkeys(self.labels, 0.0) for _ in texts]
-        for (i, _), row in zip(pairs, probs, strict=True):
-            for label, p in zip(self.labels, row, strict=True):
-                out[i][label] = max(out[i][label], p)
+            # The pair as the tokenizer encodes one in training: [CLS] word [SEP] text [SEP].
+            rows += [(i, [cls, *first, sep, *w, sep], len(first) + 2) for w in self._windows(ids, room)]
+        rows.sort(key=lambda r: len(r[1]))
+        out: list[dict[str, float]] = [dict.fromkeys(self.labels, 0.0) for _ in items]
+        for s in range(0, len(rows), self.rows_per_pass):
+            chunk = rows[s : s + self.rows_per_pass]
+            for (i, _, _), row in zip(chunk, self._forward(chunk), strict=True):
+                for label, p in zip(self.labels, row, strict=True):
+                    out[i][label] = max(out[i][label], p)
         return out
+
+    def _first_segment(self, direction: str) -> list[int]:
+        word = DIRECTION_WORD.get(direction, direction)
+        if word not in self._first:
+            self._first[word] = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        return self._first[word]
+
+    def _forward(self, rows: list[tuple[int, list[int], int]]) -> list[list[float]]:
+        torch = self._torch
+        width = max(len(r[1]) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for _, ids, _ in rows])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for _, ids, _ in rows])
+        types = torch.tensor(
+            [[0] * n + [1] * (len(ids) - n) + [0] * (width - len(ids)) for _, ids, n in rows]
+        )
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=types).logits
+            return logits.float().sigmoid().tolist()
 
     def decide(self, s: dict[str, float]) -> tuple[str, ...]:
         """The flagged categories of one score dict (empty: clean). With an `unsafe` label, it
-        decides, and the categories over their thresholds (else the likeliest one) say why."""
-        cats = tuple(c for c in self.labels if c != UNSAFE and s[c] >= self.thresholds[c])
+        decides whether a hazard is flagged, and the hazard categories over their thresholds
+        (else the likeliest one) say which; advisory ones (S6) go by their own thresholds."""
+        th = self.thresholds
+        hazards = [c for c in self.labels if c != UNSAFE and c not in ADVISORY]
+        advisory = tuple(c for c in self.labels if c in ADVISORY and s[c] >= th[c])
+        over = tuple(c for c in hazards if s[c] >= th[c])
         if UNSAFE not in s:
-            return cats
-        if s[UNSAFE] < self.thresholds[UNSAFE]:
-            return ()
-        return cats or (max((c for c in self.labels if c != UNSAFE), key=s.__getitem__),)
+            return over + advisory
+        if s[UNSAFE] < th[UNSAFE]:
+            return advisory
+        return (over or (max(hazards, key=s.__getitem__),)) + advisory
+
+    def verdict(self, s: dict[str, float]) -> Verdict:
+        cats = self.decide(s)
+        return Verdict(bool(cats), cats, s, "classifier")
 
     def verdicts(self, texts: list[str], direction: str = "input") -> list[Verdict]:
-        result = []
-        for s in self.scores(texts, direction):
-            cats = self.decide(s)
-            result.append(Verdict(bool(cats), cats, s, "classifier"))
-        return result
+        return [self.verdict(s) for s in self.scores(texts, direction)]
 
     def check(self, text: str, direction: str = "input") -> Verdict:
         return self.verdicts([text], direction)[0]
-
-
-def dynamic_int8_if(model, quantize: str):
-    if quantize == "none":
-        return model
-    from ownlm.models.int8 import dynamic_int8
-
-    return dynamic_int8(model)

@@ -7,7 +7,8 @@
 
 Level 1 runs first, in the caller's thread (microseconds). When it flags a text, levels 2 and 3
 are skipped unless every score is wanted (`full=True`, as `/v1/moderations` asks). Otherwise the
-classifier (in a worker thread) and the external service (on the event loop) run concurrently,
+classifier (in its worker thread, batched with the other requests' checks: `safety.batcher`) and
+the external service (on the event loop) run concurrently,
 and their verdicts are combined. An external service that cannot answer leaves the verdict to the
 other levels (`fail: open`; the verdict lists it as unavailable) or raises `ModerationUnavailable`
 (`fail: closed`). No HTTP here beyond level 3's client: the API, the alignment judges, `ownlm
@@ -38,8 +39,9 @@ class SafetyGuard:
         self.config = config or SafetyConfig()
         c = self.config
         self.rules = RuleSet([Path(f) for f in c.rules.files], defaults=c.rules.defaults)
-        self.classifier = None
+        self.classifier = self.batcher = None
         if c.classifier is not None:
+            from ownlm.safety.batcher import ClassifierBatcher
             from ownlm.safety.classifier import SafetyClassifier
 
             self.classifier = SafetyClassifier(
@@ -48,6 +50,7 @@ class SafetyGuard:
                 threads=c.classifier.threads,
                 max_windows=c.classifier.max_windows,
             )
+            self.batcher = ClassifierBatcher(self.classifier, max_batch=c.classifier.max_batch)
         self.external = None
         if c.external is not None:
             from ownlm.safety.external import ExternalModeration
@@ -81,7 +84,7 @@ class SafetyGuard:
             return v
         jobs = []
         if self.classifier is not None:
-            jobs.append(asyncio.to_thread(self.classifier.check, text, direction))
+            jobs.append(self.batcher.check(text, direction))
         if self.external is not None:
             jobs.append(self._external(text))
         if not jobs:
@@ -105,5 +108,7 @@ class SafetyGuard:
         return self.config.action(verdict.categories, direction)
 
     async def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         if self.external is not None:
             await self.external.close()

