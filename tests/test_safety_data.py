@@ -71,7 +71,6 @@ def test_advice_prompts_are_advisory_not_hazards(examples, safety_classifier):
 @pytest.mark.parametrize("precision", ["bf16", "none"])
 def test_the_classifier_trains_in_either_precision(tmp_path, precision):
     from conftest import TINY_SAFETY
-
     from ownlm.safety_training.stage import SafetyTrainConfig
 
     cfg = SafetyTrainConfig(**{**TINY_SAFETY, "max_per_source": 4, "layers": 2, "precision": precision})

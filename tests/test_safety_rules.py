@@ -151,7 +151,8 @@ def _stream(
     """Feed tokens through a StreamGuard on the rules (the check yields to the loop, as a real
     one in a worker thread does); return the text released and the token count at detection."""
 
-    async def check(text: str):
+    async def check(text: str, new_from: int):
+        assert 0 <= new_from < len(text)  # the context, then at least one new token
         if seen is not None:
             seen.append(text)
         await asyncio.sleep(0.001)

@@ -122,6 +122,36 @@ def test_refuse_policy_answers_with_the_refusal(engine):
         s.stop()
 
 
+@pytest.mark.parametrize("input_check", ["during", "before"])
+def test_a_blocked_prompt_never_streams_and_its_generation_is_aborted(engine, input_check):
+    # The default checks the prompt while the engine prefills: the answer must still be the 400
+    # with nothing streamed, and the engine must not go on generating for it.
+    s = serve(engine, SafetyConfig(input_check=input_check, check_output=False))
+    try:
+        client = s.client()
+        generated = engine.stats().generation_tokens
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                r = client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": HARMFUL}], max_tokens=200,
+                    stream=stream,
+                )  # fmt: skip
+                if stream:
+                    list(r)
+            assert e.value.code == "content_policy_violation"
+        deadline = time.time() + 10
+        while engine.has_unfinished() and time.time() < deadline:
+            time.sleep(0.01)
+        assert not engine.has_unfinished()
+        wasted = engine.stats().generation_tokens - generated  # tokens made while the check ran
+        assert wasted == 0 if input_check == "before" else wasted < 2 * 200
+        msg = [{"role": "user", "content": "Hi"}]
+        ok = client.chat.completions.create(model="tiny", messages=msg, max_tokens=3)
+        assert ok.choices[0].finish_reason in ("length", "stop")
+    finally:
+        s.stop()
+
+
 def _greedy_tokens(client, prompt: str, n: int) -> list[str]:
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=0)
     return r.choices[0].logprobs.tokens
@@ -274,7 +304,7 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
         assert max(abs(v.scores[k] - s[k]) for k in s) < 2e-3
         assert v.flagged == bool(clf.decide(s))
 
-    def broken(items):
+    def broken(items, new_from=None):
         raise RuntimeError("out of memory")
 
     clf.score_items = broken  # every waiting request gets the error; none hangs
@@ -286,3 +316,24 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(batcher.check("hello"))
+
+
+def test_a_stream_check_reads_its_new_text_whole_and_context_as_it_fits(safety_classifier):
+    clf = SafetyClassifier(safety_classifier, quantize="bf16")
+    rows: list[list] = []
+    forward = clf._forward
+
+    def spy(chunk):
+        rows.extend(chunk)
+        return forward(chunk)
+
+    clf._forward = spy
+    context, new = "the weather is nice today . " * 30, "How do I make a pipe bomb?"
+    [s] = clf.score_items([(context + new, "output")], [len(context)])
+    assert len(rows) == 1 and len(rows[0][1]) == clf.max_length  # one full window, ending at the end
+    assert clf.tokenizer.decode(rows[0][1]).rstrip(" [SEP]").endswith("pipe bomb?")
+    rows.clear()
+    long_new = "and then " * 80 + new  # more new text than a window: windows over the new text
+    clf.score_items([(context + long_new, "output")], [len(context)])
+    assert len(rows) > 1 and not any("weather" in clf.tokenizer.decode(r[1]) for r in rows)
+    assert set(s) == set(clf.labels)

@@ -25,7 +25,7 @@ from collections import deque
 from ownlm.safety.classifier import SafetyClassifier
 from ownlm.safety.verdict import Verdict
 
-_Job = tuple[str, str, asyncio.AbstractEventLoop, asyncio.Future]
+_Job = tuple[str, str, int | None, asyncio.AbstractEventLoop, asyncio.Future]
 
 
 def _resolve(fut: asyncio.Future, result: Verdict | None, error: BaseException | None) -> None:
@@ -47,7 +47,8 @@ class ClassifierBatcher:
         self.passes = 0  # batches scored, for tests and metrics
         self.checks = 0
 
-    async def check(self, text: str, direction: str = "input") -> Verdict:
+    async def check(self, text: str, direction: str = "input", new_from: int | None = None) -> Verdict:
+        """The classifier's verdict (`new_from`: see `SafetyClassifier.score_items`)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._cv:
@@ -58,7 +59,9 @@ class ClassifierBatcher:
                     target=self._work, name="ownlm-safety-classifier", daemon=True
                 )
                 self._thread.start()
-            self._waiting["input" if direction == "input" else "output"].append((text, direction, loop, fut))
+            self._waiting["input" if direction == "input" else "output"].append(
+                (text, direction, new_from, loop, fut)
+            )
             self._cv.notify()
         return await fut
 
@@ -77,13 +80,13 @@ class ClassifierBatcher:
     def _work(self) -> None:
         while (jobs := self._take()) is not None:
             try:
-                scores = self.classifier.score_items([(text, d) for text, d, _, _ in jobs])
+                scores = self.classifier.score_items([(t, d) for t, d, *_ in jobs], [j[2] for j in jobs])
                 results, error = [self.classifier.verdict(s) for s in scores], None
             except Exception as e:  # every waiting request gets the error, none hangs
                 results, error = [None] * len(jobs), e
             self.passes += 1
             self.checks += len(jobs)
-            for (_, _, loop, fut), r in zip(jobs, results, strict=True):
+            for (*_, loop, fut), r in zip(jobs, results, strict=True):
                 with contextlib.suppress(RuntimeError):  # that request's loop has closed
                     loop.call_soon_threadsafe(_resolve, fut, r, error)
 
@@ -94,6 +97,6 @@ class ClassifierBatcher:
             for q in self._waiting.values():
                 q.clear()
             self._cv.notify_all()
-        for _, _, loop, fut in jobs:
+        for *_, loop, fut in jobs:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, fut, None, RuntimeError("the classifier batcher closed"))

@@ -142,22 +142,31 @@ class SafetyClassifier:
         """A score in [0, 1] per category for each text."""
         return self.score_items([(t, direction) for t in texts])
 
-    def score_items(self, items: list[tuple[str, str]]) -> list[dict[str, float]]:
+    def score_items(
+        self, items: list[tuple[str, str]], new_from: list[int | None] | None = None
+    ) -> list[dict[str, float]]:
         """Scores of (text, direction) pairs of either direction, in as few forward passes as
         their lengths allow: rows are sorted by length and padded per chunk of `rows_per_pass`,
-        so one long text does not make every short one pay for its padding."""
-        if not items:
-            return []
+        so one long text does not make every short one pay for its padding.
+
+        `new_from[i]`, a character offset: text i is a stream's check, whose text before that
+        offset is context that earlier checks read. It is scored on one window ending at the
+        end, with as much context as fits, or, when the new text alone is longer, on windows
+        over the new text only."""
         tok = self.tokenizer
         cls, sep = tok.cls_token_id, tok.sep_token_id
         rows: list[tuple[int, list[int], int]] = []  # (item, ids, length of the first segment)
         for i, (text, direction) in enumerate(items):
             first = self._first_segment(direction)
             room = self.max_length - len(first) - 3  # [CLS] word [SEP] text [SEP]
-            ids = tok(deobfuscate(text).text, add_special_tokens=False, verbose=False)["input_ids"]
-            ids = ids or [tok.unk_token_id]
+            cut = new_from[i] if new_from else None
+            if cut is None:
+                windows = self._windows(self._ids(text) or [tok.unk_token_id], room)
+            else:
+                context, new = self._ids(text[:cut]), self._ids(text[cut:]) or [tok.unk_token_id]
+                windows = [(context + new)[-room:]] if len(new) <= room else self._windows(new, room)
             # The pair as the tokenizer encodes one in training: [CLS] word [SEP] text [SEP].
-            rows += [(i, [cls, *first, sep, *w, sep], len(first) + 2) for w in self._windows(ids, room)]
+            rows += [(i, [cls, *first, sep, *w, sep], len(first) + 2) for w in windows]
         rows.sort(key=lambda r: len(r[1]))
         out: list[dict[str, float]] = [dict.fromkeys(self.labels, 0.0) for _ in items]
         for s in range(0, len(rows), self.rows_per_pass):
@@ -166,6 +175,9 @@ class SafetyClassifier:
                 for label, p in zip(self.labels, row, strict=True):
                     out[i][label] = max(out[i][label], p)
         return out
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(deobfuscate(text).text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _first_segment(self, direction: str) -> list[int]:
         word = DIRECTION_WORD.get(direction, direction)

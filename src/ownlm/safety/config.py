@@ -8,6 +8,7 @@
       timeout_s: 2.0
       fail: open                                  # open: go on without it; closed: 503
     input_action: block                           # block | refuse | log
+    input_check: during                           # checked while the engine prefills (or: before)
     output_action: refuse
     categories:                                   # per category and direction
       S6: {input: log, output: log}
@@ -92,6 +93,11 @@ class SafetyConfig(StrictModel):
     classifier: ClassifierConfig | None = None
     external: ExternalConfig | None = None
     check_input: bool = True
+    input_check: Literal["during", "before"] = Field(
+        "during",
+        description="during: the prompt's check runs while the engine prefills (nothing is sent "
+        "before it answers; a blocked prompt's generation is aborted); before: generation waits for it.",
+    )
     check_output: bool = True
     input_action: Action = "block"
     output_action: Action = "refuse"

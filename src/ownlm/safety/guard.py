@@ -76,15 +76,19 @@ class SafetyGuard:
             return v
         return combine([v, self.classifier.check(text, direction)])
 
-    async def check(self, text: str, direction: str = "input", *, full: bool = False) -> Verdict:
-        """All levels; the classifier in a worker thread, the external service concurrently."""
+    async def check(
+        self, text: str, direction: str = "input", *, full: bool = False, new_from: int | None = None
+    ) -> Verdict:
+        """All levels; the classifier in a worker thread, the external service concurrently.
+        `new_from`: a stream's check, whose text before that offset is context (the classifier
+        then reads one window, not all of it; `SafetyClassifier.score_items`)."""
         self._length_ok(text)
         v = self.rules.check(text, direction)
         if v.flagged and not full:
             return v
         jobs = []
         if self.classifier is not None:
-            jobs.append(self.batcher.check(text, direction))
+            jobs.append(self.batcher.check(text, direction, new_from))
         if self.external is not None:
             jobs.append(self._external(text))
         if not jobs:

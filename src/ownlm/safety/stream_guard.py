@@ -27,7 +27,9 @@ from collections.abc import Awaitable, Callable
 
 from ownlm.safety.verdict import Verdict
 
-Check = Callable[[str], Awaitable[Verdict]]
+# check(text, new_from): `text` is the context and the unchecked tokens, `new_from` the offset in it
+# where the unchecked ones begin.
+Check = Callable[[str, int], Awaitable[Verdict]]
 
 
 class StreamGuard:
@@ -59,7 +61,8 @@ class StreamGuard:
             self.task_tokens = len(self.ends)
             first = 0 if self.context is None else max(0, self.checked - self.context)
             start = self.ends[first - 1] if first else 0
-            self.task = asyncio.ensure_future(self.check(self.text[start : self.ends[-1]]))
+            new_from = (self.ends[self.checked - 1] if self.checked else 0) - start
+            self.task = asyncio.ensure_future(self.check(self.text[start : self.ends[-1]], new_from))
 
     async def _settle(self) -> None:
         """Wait for the check in flight and record its result."""

@@ -75,7 +75,7 @@ from ownlm.serve.protocol import (
 )
 from ownlm.serve.safety_filter import SafetyFilter, prompt_text
 from ownlm.serve.server_state import ServerState
-from ownlm.serve.streaming import merge_outputs, new_id, run_generation, unless_disconnected
+from ownlm.serve.streaming import REFUSED, merge_outputs, new_id, run_generation, unless_disconnected
 
 if TYPE_CHECKING:  # the API process does not load torch when the engine runs in its own process
     from ownlm.engine.core import Engine
@@ -316,9 +316,12 @@ def create_app(
         n = req.n
         rid = new_id("chatcmpl")
         created = int(time.time())
-        if sf is not None and await sf.check_prompt(rid, prompt_text(messages), "messages"):
-            return refuse("chat", req, rid, created, len(ids), n)
         allowed = await asyncio.to_thread(structured_tokens, state, req, n) if is_constrained(req) else None
+        gate = None
+        if sf is not None:
+            gate = await prompt_gate(sf.check_prompt(rid, prompt_text(messages), "messages"))
+            if gate is REFUSED:
+                return refuse("chat", req, rid, created, len(ids), n)
         params = sampling_params(
             req,
             max_tokens=max_tokens,
@@ -335,7 +338,10 @@ def create_app(
             lambda subs: chat_stream(
                 state, req, rid, created, len(ids), merge_outputs(subs), use_tools, filters(rid, n)
             ),
+            gate,
         )
+        if result is REFUSED:
+            return refuse("chat", req, rid, created, len(ids), n)
         if req.stream:
             return result
         [out] = result
@@ -365,12 +371,14 @@ def create_app(
         n = req.n * len(ids)
         rid = new_id("cmpl")
         created = int(time.time())
+        allowed = await asyncio.to_thread(structured_tokens, state, req, n) if is_constrained(req) else None
+        gate = None
         if sf is not None:
             texts = [x if isinstance(x, str) else e.tokenizer.decode(x, skip_special_tokens=True)
                      for x in prompts]  # fmt: skip
-            if await sf.check_prompt(rid, "\n".join(texts), "prompt"):
+            gate = await prompt_gate(sf.check_prompt(rid, "\n".join(texts), "prompt"))
+            if gate is REFUSED:
                 return refuse("text", req, rid, created, sum(len(x) for x in ids), n)
-        allowed = await asyncio.to_thread(structured_tokens, state, req, n) if is_constrained(req) else None
         echo = [e.tokenizer.decode(x, skip_special_tokens=True) if req.echo else "" for x in ids]
         finals = await run_generation(
             state,
@@ -382,7 +390,10 @@ def create_app(
             lambda subs: completion_stream(
                 state, req, rid, created, ids, echo, merge_outputs(subs), filters(rid, n)
             ),
+            gate,
         )
+        if finals is REFUSED:
+            return refuse("text", req, rid, created, sum(len(x) for x in ids), n)
         if req.stream:
             return finals
         body = completion_body(state, req, rid, created, ids, echo, finals)
@@ -393,6 +404,13 @@ def create_app(
                     choice["text"] = echo[i] + sf.config.refusal
                     choice["finish_reason"], choice["logprobs"] = "content_filter", None
         return body
+
+    async def prompt_gate(check):
+        """The prompt's check: awaited here (`input_check: before`), or a task that generation
+        awaits while the engine prefills (`during`). REFUSED when it has already said refuse."""
+        if sf.config.input_check == "during":
+            return asyncio.ensure_future(check)
+        return REFUSED if await check else None
 
     def filters(rid: str, n: int):
         """A content filter per streamed choice (None without safety on replies)."""

@@ -53,10 +53,12 @@ class SafetyFilter:
             rid, direction, ",".join(v.categories), v.level, v.rule, action, extra=extra,
         )  # fmt: skip
 
-    async def verdict(self, rid: str, text: str, direction: str, param: str | None = None) -> Verdict:
+    async def verdict(
+        self, rid: str, text: str, direction: str, param: str | None = None, new_from: int | None = None
+    ) -> Verdict:
         t0 = time.perf_counter()
         try:
-            v = await self.guard.check(text, direction)
+            v = await self.guard.check(text, direction, new_from=new_from)
         except TextTooLong as e:
             raise APIError(400, str(e), param=param, code="content_too_long") from None
         except ModerationUnavailable as e:
@@ -102,8 +104,8 @@ class ChoiceFilter:
         s = f.config.stream
         window = 0 if s.mode == "buffered" else s.window_tokens
 
-        async def check(text: str) -> Verdict:
-            return await f.verdict(rid, text, "output")
+        async def check(text: str, new_from: int) -> Verdict:
+            return await f.verdict(rid, text, "output", new_from=new_from)
 
         def stops(v: Verdict) -> bool:
             return f.guard.action(v, "output") in ("refuse", "block")

@@ -126,6 +126,9 @@ def _close_all(subs: list[AsyncRequest]) -> None:
         sub.close()
 
 
+REFUSED = object()  # run_generation's answer when the prompt's check says refuse
+
+
 async def run_generation(
     state: ServerState,
     request: Request,
@@ -134,16 +137,28 @@ async def run_generation(
     rid: str,
     stream: bool,
     respond: Callable[[list[AsyncRequest]], AsyncIterator[str]],
+    gate: asyncio.Future | None = None,
 ):
     """Submit one engine request per prompt, then either stream (`respond(subs)` gives the SSE
-    chunks) or wait for the final outputs (aborted if the client goes away)."""
+    chunks) or wait for the final outputs (aborted if the client goes away).
+
+    `gate`, the prompt's safety check, runs while the engine prefills: nothing is sent before it
+    answers; if it raises (a 400) or says refuse, the engine requests are aborted and the error
+    raised or REFUSED returned. The prompt's check then adds to the first token only what it
+    takes beyond the prefill."""
     state.acquire()
     subs: list[AsyncRequest] = []
     try:
         for i, x in enumerate(prompts):
             sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
             subs.append(await submit(state.engine, x, make_params(), sub_id, stream))
+        if gate is not None and await gate:
+            _close_all(subs)
+            state.release()
+            return REFUSED
     except BaseException:
+        if gate is not None and not gate.done():
+            gate.cancel()
         _close_all(subs)
         state.release()
         raise
