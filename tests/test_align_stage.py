@@ -149,11 +149,12 @@ def test_grpo_method_trains_with_a_kl_penalty(recipe):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_cai_mechanics_on_a_tiny_model(recipe):
+def test_cai_mechanics_on_a_tiny_model(recipe, safety_classifier):
     from ownlm.align.cai import run_cai
 
     out = run_cai(recipe, recipe.align, _policy(recipe))
     root = recipe.run_dir / "cai"
+    assert _manifest(root / "pairs")["metrics"]["classifier"] is None  # no safety/ in this run
     sl = _manifest(root / "sl_data")["metrics"]
     assert sl["harmful"] == 3 and sl["helpful"] == 2
     assert 0 <= sl["examples_shown"] < 3  # the tiny model's 1,024-token context holds fewer worked examples
@@ -180,6 +181,21 @@ def test_cai_mechanics_on_a_tiny_model(recipe):
     for step in ("sl_data", "pairs"):
         assert _manifest(root / step)["metrics"]["feedback_model"] == str(critic)
     assert _manifest(root / "sl_data")["metrics"]["examples_shown"] == 0
+    # The safety classifier judges the pairs beside the feedback model: only the pairs are redone.
+    judged = cai.model_copy(update={"classifier": str(safety_classifier)})
+    third = recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": judged})})
+    sl_before = (root / "sl_data" / "manifest.json").read_bytes()
+    run_cai(third, third.align, _policy(recipe))
+    assert (root / "sl_data" / "manifest.json").read_bytes() == sl_before
+    m = _manifest(root / "pairs")
+    assert m["metrics"]["classifier"] == str(safety_classifier) and "classifier" in m["inputs"]
+    rows = [json.loads(x) for x in (root / "pairs" / "train.jsonl").read_text().splitlines()]
+    rows += [json.loads(x) for x in (root / "pairs" / "val.jsonl").read_text().splitlines()]
+    assert rows and all(0 < r["meta"]["classifier_p_first"] < 1 for r in rows)
+    nothing = cai.model_copy(update={"classifier": str(critic)})  # a model, not a classifier
+    with pytest.raises(OwnlmError, match="align.cai.classifier"):
+        run_cai(recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": nothing})}),
+                recipe.align.model_copy(update={"cai": nothing}), _policy(recipe))  # fmt: skip
     bad = cai.model_copy(update={"feedback_model": str(critic / "absent")})
     with pytest.raises(OwnlmError, match="feedback_model"):
         run_cai(recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": bad})}),

@@ -9,15 +9,14 @@ from ownlm.align.cai import (
     benign_risky_prompts,
     critique_and_revise,
     few_shot_turns,
-    is_refusal,
     load_constitution,
     load_examples,
     red_team_prompts,
-    refusal_rate,
     sl_cai_records,
     split,
 )
 from ownlm.core.errors import OwnlmError
+from ownlm.safety.refusal import is_refusal, refusal_rate
 
 
 def test_default_constitution_loads_and_covers_the_themes():
@@ -194,6 +193,34 @@ def test_ai_labels_average_both_orders_to_cancel_position_bias():
     assert rec["chosen"] == "safe" and rec["rejected"] == "unsafe"
     assert rec["label"] == pytest.approx(0.7)  # the bias of +0.2 for (A) cancels out
     assert rec["meta"]["position_bias"] == pytest.approx(0.4)  # P(A) + P(A swapped) - 1
+
+
+def test_the_classifier_prior_combines_with_the_feedback_model_as_independent_evidence():
+    from ownlm.align.cai import classifier_preferences
+
+    principles = [Principle(name="harm", critique="c", revision="r", choice="Which reply is safer?")]
+    harm = {"Sure, mix bleach and ammonia.": 0.9, "I can't help with that.": 0.1, "Use kill -9.": 0.05}
+
+    def harm_fn(texts):
+        return [harm[t] for t in texts]
+
+    pairs = [("Sure, mix bleach and ammonia.", "I can't help with that."),
+             ("I can't help with that.", "Use kill -9."), ("Use kill -9.", "Use kill -9.")]  # fmt: skip
+    prior = classifier_preferences(harm_fn, pairs, [True, False, False])
+    # Harmful prompt: the less harmful reply (log-odds -2.2 against +2.2); harmless prompt: the one
+    # that does not refuse (phrase judge 0.9 against 0.1); nothing to tell apart: 0.5.
+    assert prior[0] == pytest.approx(1 / 82, rel=1e-3) and prior[1] == pytest.approx(1 / 82, rel=1e-3)
+    assert prior[2] == pytest.approx(0.5)
+
+    def unsure(convs):  # a feedback model near chance, as a 135M one is
+        return [[0.52, 0.48] for _ in convs]
+
+    recs = ai_preference_labels(unsure, ["q1", "q2", "q3"], pairs, principles, random.Random(0), prior)
+    assert [r["chosen"] for r in recs] == ["I can't help with that.", "Use kill -9.", "Use kill -9."]
+    assert recs[0]["label"] > 0.98 and recs[2]["label"] == pytest.approx(0.5)
+    assert recs[0]["meta"]["feedback_p_first"] == pytest.approx(0.5)  # 0.52 and 0.48 debiased
+    half = ai_preference_labels(unsure, ["q1"], pairs[:1], principles, random.Random(0), prior[:1], 0.5)
+    assert 0.5 < half[0]["label"] < recs[0]["label"]  # a smaller weight, a weaker label
 
 
 def test_generation_helpers_on_a_real_tiny_model(trained_run):

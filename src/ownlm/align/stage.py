@@ -63,6 +63,14 @@ class CAIConfig(StrictModel):
     min_label: float = Field(
         0.55, ge=0.5, lt=1, description="Drop AI-labelled pairs whose preference is weaker than this."
     )
+    classifier: str | None = Field(
+        "auto",
+        description="Safety classifier judging RL-CAI's pairs beside the feedback model: a directory, "
+        "'auto' (this run's safety/ when built), or null (the feedback model alone).",
+    )
+    classifier_weight: float = Field(
+        1.0, ge=0, description="Weight of the classifier's log-odds against the feedback model's."
+    )
     sft_steps: int = Field(60, ge=1, description="SL-CAI fine-tuning steps (LoRA).")
     sft_lr: float = Field(2e-4, gt=0, description="SL-CAI learning rate.")
 
