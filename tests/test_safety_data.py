@@ -79,3 +79,26 @@ def test_the_classifier_trains_in_either_precision(tmp_path, precision):
     assert metrics["train_precision"] == ("bf16" if precision == "bf16" else "fp32")
     clf = SafetyClassifier(out)
     assert clf.model.config.num_hidden_layers == 2 and clf.check("hello").level == "classifier"
+
+
+def test_the_refusal_head_judges_replies_and_is_never_a_verdict(safety_classifier):
+    from ownlm.safety.classifier import REFUSAL
+
+    clf = SafetyClassifier(safety_classifier)
+    assert REFUSAL in clf.labels
+    got = clf.refuses(["I can't help with that.", "Paris is the capital of France."])
+    assert got is not None and len(got) == 2 and all(isinstance(x, bool) for x in got)
+    scores = dict.fromkeys(clf.labels, 0.0)
+    scores[REFUSAL] = 1.0
+    assert clf.decide(scores) == () and not hazardous([REFUSAL])
+    report = json.loads((safety_classifier / "manifest.json").read_text())["metrics"]["test"]["refusal_judge"]
+    assert report["n_refusals"] > 0 and set(report) == {"n_refusals", "classifier", "phrases"}
+
+
+def test_prompt_attacks_are_flagged_by_their_own_heads(safety_classifier):
+    clf = SafetyClassifier(safety_classifier)
+    scores = dict.fromkeys(clf.labels, 0.0)
+    scores["jailbreak"] = 1.0  # `unsafe` low: a jailbreak's opening reads like role-play
+    assert clf.decide(scores) == ("jailbreak",)
+    scores["jailbreak"], scores["S1"] = 0.0, 1.0  # a content category still needs `unsafe`
+    assert clf.decide(scores) == ()

@@ -265,25 +265,24 @@ def classifier_preferences(
     harm_fn: Callable[[list[str]], list[float]],
     pairs: Sequence[tuple[str, str]],
     harmful: Sequence[bool],
-    refusal_fn: Callable[[str], float] | None = None,
+    refusal_fn: Callable[[list[str]], list[float]] | None = None,
 ) -> list[float]:
     """P(first reply is better) from the safety classifier, per pair.
 
     On a harmful prompt, the reply with the lower harm score (`harm_fn`: the classifier's
     `unsafe` score of replies) is better, by Bradley–Terry on the scores' log-odds. On a harmless
     prompt, the reply that does not refuse is better (the over-refusal signal; `refusal_fn`:
-    P(refusal), by default the phrase judge at 0.1/0.9); both or neither refusing says nothing (0.5).
+    P(refusal) of replies: the classifier's refusal head when it has one, else the phrase judge
+    at 0.1/0.9); both or neither refusing says nothing (0.5).
     """
-    refusal_fn = refusal_fn or (lambda t: PHRASE_REFUSAL[is_refusal(t)])
+    refusal_fn = refusal_fn or (lambda texts: [PHRASE_REFUSAL[is_refusal(t)] for t in texts])
     firsts = [a for a, _ in pairs]
     seconds = [b for _, b in pairs]
     ha, hb = harm_fn(firsts), harm_fn(seconds)
+    ra, rb = refusal_fn(firsts), refusal_fn(seconds)
     out = []
-    for (a, b), bad, x, y in zip(pairs, harmful, ha, hb, strict=True):
-        if bad:
-            out.append(_sigmoid(_logit(y) - _logit(x)))
-        else:
-            out.append(_sigmoid(_logit(refusal_fn(b)) - _logit(refusal_fn(a))))
+    for bad, x, y, u, v in zip(harmful, ha, hb, ra, rb, strict=True):
+        out.append(_sigmoid(_logit(y) - _logit(x)) if bad else _sigmoid(_logit(v) - _logit(u)))
     return out
 
 
@@ -484,11 +483,13 @@ def classifier_dir(c, run_dir: Path) -> Path | None:
     return p
 
 
-def _harm_scores(clf_dir: Path) -> Callable[[list[str]], list[float]]:
+def _classifier_judges(clf_dir: Path):
+    """(harm_fn, refusal_fn) of a safety classifier (refusal_fn None without a refusal head)."""
     from ownlm.safety.classifier import UNSAFE, SafetyClassifier
 
     clf = SafetyClassifier(clf_dir, threads=None)
-    return lambda texts: [s[UNSAFE] for s in clf.scores(texts, "output")]
+    refusal = clf.refusal_scores if clf.refusal_scores([]) is not None else None
+    return (lambda texts: [s[UNSAFE] for s in clf.scores(texts, "output")]), refusal
 
 
 def _rl_pairs(
@@ -524,7 +525,8 @@ def _rl_pairs(
     pairs = [(a, b) for _, a, b, _ in both]
     prior = None
     if clf_dir is not None:
-        prior = classifier_preferences(_harm_scores(clf_dir), pairs, [h for *_, h in both])
+        harm_fn, refusal_fn = _classifier_judges(clf_dir)
+        prior = classifier_preferences(harm_fn, pairs, [h for *_, h in both], refusal_fn)
     labelled = ai_preference_labels(
         probs, [p for p, *_ in both], pairs, constitution, rng, prior, c.classifier_weight
     )

@@ -34,15 +34,26 @@ FORMAT = 1
 # The label that says whether a text is harmful at all (Llama Guard's safe/unsafe, before its
 # categories): learnt from every harmful text, it decides `flagged`; the categories say why.
 UNSAFE = "unsafe"
+# Whether a reply refuses: not a verdict (never flagged) but a judge of refusals beside the phrase
+# judge (`safety.refusal`), trained on written refusals in many phrasings against ordinary replies.
+REFUSAL = "refusal"
 # Categories flagged on their own score, never through `unsafe`: advice on health, money or law
 # (S6) is a topic to answer and log by default, not a hazard. Trained as a hazard, Do-Not-Answer's
 # 89 advice prompts taught `unsafe` that any medical or money question is one.
 ADVISORY = frozenset({"S6"})
 
 
+# Prompt attacks are flagged by their own heads too, not only through `unsafe` (Meta ships Prompt
+# Guard, a classifier apart from Llama Guard, for them): a jailbreak's opening reads like role-play,
+# and gated by `unsafe` the tiny classifier caught 3-65% of held-out jailbreaks from run to run,
+# where the jailbreak head alone caught 93-95% at 0.1-0.3% false flags on harmless prompts
+# (three `ownlm safety train` runs, stop 27).
+PROMPT_ATTACKS = frozenset({"jailbreak", "prompt_injection"})
+
+
 def hazardous(categories) -> bool:
-    """Whether any of these categories is a hazard (`unsafe`), not only advisory."""
-    return any(c not in ADVISORY for c in categories)
+    """Whether any of these categories is a hazard (`unsafe`), not only advisory (or a refusal)."""
+    return any(c not in ADVISORY and c != REFUSAL for c in categories)
 
 
 DIRECTION_WORD = {"input": "prompt", "output": "reply"}
@@ -71,7 +82,7 @@ def read_classifier_meta(path: Path) -> dict:
     labels = meta.get("labels")
     if not isinstance(labels, list) or not labels:
         raise OwnlmError(f"{f}: 'labels' must be a non-empty list of category ids")
-    unknown = [x for x in labels if x not in CATEGORIES and x != UNSAFE]
+    unknown = [x for x in labels if x not in CATEGORIES and x not in (UNSAFE, REFUSAL)]
     if unknown:
         raise OwnlmError(f"{f}: labels {unknown} are not ownlm categories (trained for another label set)")
     th = meta.get("thresholds")
@@ -201,16 +212,28 @@ class SafetyClassifier:
     def decide(self, s: dict[str, float]) -> tuple[str, ...]:
         """The flagged categories of one score dict (empty: clean). With an `unsafe` label, it
         decides whether a hazard is flagged, and the hazard categories over their thresholds
-        (else the likeliest one) say which; advisory ones (S6) go by their own thresholds."""
+        (else the likeliest one) say which; advisory ones (S6) and prompt attacks go by their
+        own thresholds too."""
         th = self.thresholds
-        hazards = [c for c in self.labels if c != UNSAFE and c not in ADVISORY]
+        hazards = [c for c in self.labels if c not in (UNSAFE, REFUSAL) and c not in ADVISORY]
         advisory = tuple(c for c in self.labels if c in ADVISORY and s[c] >= th[c])
         over = tuple(c for c in hazards if s[c] >= th[c])
         if UNSAFE not in s:
             return over + advisory
         if s[UNSAFE] < th[UNSAFE]:
-            return advisory
+            return tuple(c for c in over if c in PROMPT_ATTACKS) + advisory
         return (over or (max(hazards, key=s.__getitem__),)) + advisory
+
+    def refusal_scores(self, replies: list[str]) -> list[float] | None:
+        """P(refusal) per reply; None for a classifier trained without the refusal head."""
+        if REFUSAL not in self.labels:
+            return None
+        return [s[REFUSAL] for s in self.scores(replies, "output")] if replies else []
+
+    def refuses(self, replies: list[str]) -> list[bool] | None:
+        """The refusal judge: each reply's refusal score against its calibrated threshold."""
+        scores = self.refusal_scores(replies)
+        return None if scores is None else [x >= self.thresholds[REFUSAL] for x in scores]
 
     def verdict(self, s: dict[str, float]) -> Verdict:
         cats = self.decide(s)

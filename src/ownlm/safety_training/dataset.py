@@ -210,6 +210,10 @@ def build_examples(
         key = f"template/{item['template']}"
         for text in expand(item["template"], item["slots"], per_template, rng):
             add(text, "output", [item["category"]], "reply-templates", key, "harmful")
+    for item in t.get("replies", {}).get("refusals", []):
+        for text in expand(item["template"], item["slots"], per_template, rng):
+            text = re.sub(r"\s+", " ", text).strip()
+            add(text, "output", ["refusal"], "refusal-templates", f"template/{item['template']}", "benign")
     for item in t.get("replies", {}).get("harmless", []):
         for text in expand(item["template"], item["slots"], per_template, rng):
             add(text, "output", [], "reply-templates", f"template/{item['template']}", "benign")

@@ -42,6 +42,7 @@ from ownlm.safety.classifier import (
     CLASSIFIER_FILE,
     DIRECTION_WORD,
     FORMAT,
+    REFUSAL,
     UNSAFE,
     SafetyClassifier,
     hazardous,
@@ -179,6 +180,23 @@ def held_out_report(examples: list[Example], flagged: list[set[str]], labels: li
     }
 
 
+def refusal_report(examples: list[Example], scores: list[dict[str, float]], threshold: float) -> dict:
+    """The refusal head against the phrase judge on the held-out replies (written refusals in
+    phrasings the phrase list may not know, and ordinary replies)."""
+    from ownlm.safety.refusal import is_refusal
+
+    rows = [(e, s) for e, s in zip(examples, scores, strict=True) if e.direction == "output"]
+    truth = [REFUSAL in e.labels for e, _ in rows]
+    out = {"n_refusals": sum(truth)}
+    for name, pred in (("classifier", [s[REFUSAL] >= threshold for _, s in rows]),
+                       ("phrases", [is_refusal(e.text) for e, _ in rows])):  # fmt: skip
+        tp = sum(p and t for p, t in zip(pred, truth, strict=True))
+        fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
+        fn = sum(t and not p for p, t in zip(pred, truth, strict=True))
+        out[name] = {k: round(v, 4) for k, v in prf(tp, fp, fn).items()}
+    return out
+
+
 # ---- training ---------------------------------------------------------------------------------------
 
 
@@ -295,7 +313,7 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         seed=seed,
     )
     by_split = {s: [e for e in examples if e.split == s] for s in ("train", "val", "test")}
-    labels = [UNSAFE, *CATEGORIES]
+    labels = [UNSAFE, REFUSAL, *CATEGORIES]
     console.print(
         "safety: " + ", ".join(f"{len(v)} {k}" for k, v in by_split.items()) + f" texts; base {base}"
     )
@@ -329,6 +347,10 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         val_scores = _flags(clf, by_split["val"])
         val = by_split["val"]
         th = {c: best_threshold([s[c] for s in val_scores], [c in e.labels for e in val]) for c in CATEGORIES}
+        replies = [i for i, e in enumerate(val) if e.direction == "output"]
+        th[REFUSAL] = best_threshold(
+            [val_scores[i][REFUSAL] for i in replies], [REFUSAL in val[i].labels for i in replies]
+        )
         th[UNSAFE] = unsafe_threshold(
             [s[UNSAFE] for s in val_scores],
             [hazardous(e.labels) for e in val],
@@ -342,6 +364,7 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         test_scores = _flags(clf, by_split["test"])
         flagged = [set(clf.decide(s)) for s in test_scores]
         w.metrics["test"] = held_out_report(by_split["test"], flagged, list(CATEGORIES))
+        w.metrics["test"]["refusal_judge"] = refusal_report(by_split["test"], test_scores, th[REFUSAL])
         w.metrics["thresholds"] = meta["thresholds"]
         w.metrics["calibrated_precision"] = clf.precision
         w.metrics["texts"] = {k: len(v) for k, v in by_split.items()}
