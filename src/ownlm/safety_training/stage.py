@@ -17,8 +17,12 @@ Thresholds are calibrated on the validation split with the classifier as it is s
 machine (`quantize: auto`: bf16 or int8): `unsafe` (which decides `flagged`), the best-F1
 threshold among those that flag at most `max_false_block` of the harmless validation prompts;
 each category, the threshold that maximises its F1 within [0.2, 0.95] (0.5 without validation
-positives). The manifest holds
-per-category P/R/F1 on the test split and the block rates `bench/safety.py` reports.
+positives), and the `refusal` head's on the validation replies. The manifest holds per-category
+P/R/F1 on the test split, the block rates `bench/safety.py` reports, and the refusal head against
+the phrase judge (`test.refusal_judge`).
+
+Matmuls run in bf16 autocast where the CPU computes bf16 natively (`precision: auto`): 468 steps
+took 86 s against 121 s in fp32 (stop 27, by hand).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ MINILM = "all-MiniLM-L6-v2"
 class SafetyTrainConfig(StrictModel):
     base: str = Field(MINILM, description=f"Encoder to tune: {MINILM} (from its PyPI package) or an HF dir.")
     max_length: int = Field(128, ge=16, le=512, description="Tokens per window (prompt or reply).")
+    # 3 of MiniLM's 6 layers halved the cost of a check but, trained from labels on the tiny
+    # recipe's data, blocked 0.44 of held-out Do-Not-Answer hazards against 0.57 (stop 27).
     layers: int | None = Field(
         None, ge=1, description="Keep the base's first N encoder layers (None: all); cost scales with N."
     )
