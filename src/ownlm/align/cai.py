@@ -485,10 +485,10 @@ def classifier_dir(c, run_dir: Path) -> Path | None:
 
 def _classifier_judges(clf_dir: Path):
     """(harm_fn, refusal_fn) of a safety classifier (refusal_fn None without a refusal head)."""
-    from ownlm.safety.classifier import UNSAFE, SafetyClassifier
+    from ownlm.safety.classifier import REFUSAL, UNSAFE, SafetyClassifier
 
     clf = SafetyClassifier(clf_dir, threads=None)
-    refusal = clf.refusal_scores if clf.refusal_scores([]) is not None else None
+    refusal = clf.refusal_scores if REFUSAL in clf.labels else None
     return (lambda texts: [s[UNSAFE] for s in clf.scores(texts, "output")]), refusal
 
 

@@ -44,7 +44,7 @@ class ClassifierBatcher:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.passes = 0  # batches scored, for tests and metrics
+        self.passes = 0  # batches scored (tests read them)
         self.checks = 0
 
     async def check(self, text: str, direction: str = "input", new_from: int | None = None) -> Verdict:

@@ -45,9 +45,9 @@ ADVISORY = frozenset({"S6"})
 
 # Prompt attacks are flagged by their own heads too, not only through `unsafe` (Meta ships Prompt
 # Guard, a classifier apart from Llama Guard, for them): a jailbreak's opening reads like role-play,
-# and gated by `unsafe` the tiny classifier caught 3-65% of held-out jailbreaks from run to run,
-# where the jailbreak head alone caught 93-95% at 0.1-0.3% false flags on harmless prompts
-# (three `ownlm safety train` runs, stop 27).
+# and gated by `unsafe` the tiny recipe's classifier blocked between 0.03 and 0.61 of held-out
+# jailbreaks from run to run; with its own head, 0.90 (`ownlm safety train`: the manifest's
+# test.jailbreak_block_rate, stop 27).
 PROMPT_ATTACKS = frozenset({"jailbreak", "prompt_injection"})
 
 
@@ -228,7 +228,7 @@ class SafetyClassifier:
         """P(refusal) per reply; None for a classifier trained without the refusal head."""
         if REFUSAL not in self.labels:
             return None
-        return [s[REFUSAL] for s in self.scores(replies, "output")] if replies else []
+        return [s[REFUSAL] for s in self.scores(replies, "output")]
 
     def refuses(self, replies: list[str]) -> list[bool] | None:
         """The refusal judge: each reply's refusal score against its calibrated threshold."""
