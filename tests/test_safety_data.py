@@ -102,3 +102,49 @@ def test_prompt_attacks_are_flagged_by_their_own_heads(safety_classifier):
     assert clf.decide(scores) == ("jailbreak",)
     scores["jailbreak"], scores["S1"] = 0.0, 1.0  # a content category still needs `unsafe`
     assert clf.decide(scores) == ()
+
+
+def test_every_hazard_template_names_every_name_of_its_family_beside_lookalikes(examples):
+    import yaml
+
+    from ownlm.safety_training.dataset import TEMPLATES
+
+    families = yaml.safe_load(TEMPLATES.read_text())["hazards"]
+    by_key: dict[str, list] = {}
+    for e in examples:
+        if e.source.startswith("hazard-"):
+            by_key.setdefault(e.key, []).append(e)
+    kinds = (("harmful", "hazard-templates", True), ("lookalikes", "hazard-lookalikes", False))
+    for fam in families:
+        for kind, source, harmful in kinds:
+            for item in fam[kind]:
+                rows = by_key[f"template/{item['template']}"]
+                assert all(r.source == source and bool(r.labels) is harmful for r in rows)
+                assert all(r.labels == (fam["category"],) for r in rows if harmful)
+                for name in fam["names"]:  # each name once per template, the template's text around it
+                    assert sum(name in r.text for r in rows) >= 1, (item["template"], name)
+    # both kinds train, so a name alone is never the signal
+    assert {e.split for e in examples if e.source == "hazard-templates"} >= {"train", "test"}
+    assert "train" in {e.split for e in examples if e.source == "hazard-lookalikes"}
+
+
+def test_full_sources_ignore_the_cap_and_an_unknown_one_is_named():
+    from ownlm.core.errors import OwnlmError
+
+    kw = dict(per_template=4, request_forms_per_prompt=1, max_per_source=5, eval_per_source=5,
+              test_fraction=0.25, val_fraction=0.15, seed=0)  # fmt: skip
+    capped = build_examples(**kw)
+    full = build_examples(**kw, full_sources=["advbench"])
+    n = lambda ex, s: sum(e.source == s and e.split == "train" for e in ex)  # noqa: E731
+    assert n(capped, "advbench") == 5 < n(full, "advbench") and n(full, "chitchat") == 5
+    with pytest.raises(OwnlmError, match=r"safety.full_sources.*'nope'"):
+        build_examples(**kw, full_sources=["nope"])
+
+
+def test_the_same_seed_trains_the_same_classifier(tmp_path):
+    from conftest import TINY_SAFETY
+    from ownlm.safety_training.stage import SafetyTrainConfig
+
+    cfg = SafetyTrainConfig(**{**TINY_SAFETY, "max_per_source": 4, "layers": 1})
+    a, b = (train_safety_classifier(cfg, tmp_path / name, seed=3) for name in ("a", "b"))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

@@ -2,8 +2,10 @@
 packages plus ownlm's templates, each with a split that never moves.
 
 Harmful: Do-Not-Answer (mapped intents, `safety.prompts.DNA_INTENTS`), AdvBench, DAN and
-in-the-wild jailbreaks, RealToxicityPrompts' toxic prefixes and slur prompts (as reply text), and templates
-for categories the data barely covers (`safety/templates.yaml`). Harmless: chatterbot's questions
+in-the-wild jailbreaks, RealToxicityPrompts' toxic prefixes and slur prompts (as reply text), templates
+for categories the data barely covers (`safety/templates.yaml`), and named hazards (chemical and
+biological agents, explosives, scheduled drugs, named vulnerabilities from public registers) asked
+for beside look-alike questions that name the same things. Harmless: chatterbot's questions
 and answers, chitchat messages, ownlm's generated instruction tasks, the over-refusal probe
 (`benign_risky.txt`), templated look-alikes and refusals, and noise (word salad, fragments,
 random characters, standard-library code).
@@ -23,6 +25,7 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +87,14 @@ def expand(template: str, slots: dict[str, list[str]], k: int, rng: random.Rando
     combos = list(itertools.product(*(slots[s] for s in names)))
     rng.shuffle(combos)
     return [template.format(**dict(zip(names, c, strict=True))) for c in combos[:k]]
+
+
+def expand_names(
+    template: str, slots: dict[str, list[str]], names: list[str], rng: random.Random
+) -> list[str]:
+    """One filling per hazard name (the other slots drawn at random), so every template of a
+    family teaches every name it lists."""
+    return [re.sub(r"\s+", " ", expand(template, {**slots, "name": [n]}, 1, rng)[0]).strip() for n in names]
 
 
 def _templates() -> dict:
@@ -162,6 +173,7 @@ def build_examples(
     request_forms_per_prompt: int,
     max_per_source: int | None,
     eval_per_source: int,
+    full_sources: Collection[str] = (),
     test_fraction: float,
     val_fraction: float,
     seed: int,
@@ -206,6 +218,16 @@ def build_examples(
         key = f"template/{item['template']}"
         for text in expand(item["template"], item["slots"], per_template, rng):
             add(text, "input", [item["category"]], "harmful-templates", key, "harmful")
+    for family in t.get("hazards", []):
+        names = family["names"]
+        for item in family.get("harmful", []):
+            key = f"template/{item['template']}"
+            for text in expand_names(item["template"], item.get("slots") or {}, names, rng):
+                add(text, "input", [family["category"]], "hazard-templates", key, "harmful")
+        for item in family.get("lookalikes", []):
+            key = f"template/{item['template']}"
+            for text in expand_names(item["template"], item.get("slots") or {}, names, rng):
+                add(text, "input", [], "hazard-lookalikes", key, "lookalike")
     for item in t.get("replies", {}).get("harmful", []):
         key = f"template/{item['template']}"
         for text in expand(item["template"], item["slots"], per_template, rng):
@@ -229,16 +251,23 @@ def build_examples(
     for e in unique:
         u = P.unit(e.key)
         e.split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-    # Caps per source: `max_per_source` on training text (a recipe's budget), `eval_per_source` on
-    # each held-out split (fixed, with a fixed seed, so metrics compare across recipes).
+    # Caps per source: `max_per_source` on training text (a recipe's budget; not on `full_sources`),
+    # `eval_per_source` on each held-out split (fixed, with a fixed seed, so metrics compare
+    # across recipes).
     by_source: dict[str, list[Example]] = {}
     for e in unique:
         by_source.setdefault(e.source, []).append(e)
+    unknown = sorted(set(full_sources) - set(by_source))
+    if unknown:
+        raise OwnlmError(
+            f"safety.full_sources: no such source {unknown}; the sources are {sorted(by_source)}"
+        )
     out = []
     for source in sorted(by_source):
         group = by_source[source]
         random.Random(f"ownlm-safety:{source}").shuffle(group)
-        for split, cap in (("train", max_per_source), ("val", eval_per_source), ("test", eval_per_source)):
+        train_cap = None if source in full_sources else max_per_source
+        for split, cap in (("train", train_cap), ("val", eval_per_source), ("test", eval_per_source)):
             part = [e for e in group if e.split == split]
             out += part[:cap] if cap else part
     return out

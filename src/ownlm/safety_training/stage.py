@@ -31,6 +31,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +83,13 @@ class SafetyTrainConfig(StrictModel):
     per_template: int = Field(24, ge=1, description="Fillings drawn from each template.")
     request_forms: int = Field(2, ge=0, description="Imperative rewrites per how-to prompt.")
     max_per_source: int | None = Field(None, ge=1, description="Cap on training texts per source.")
+    # The tiny recipe's harmful prompts and look-alikes, in full beside 200 of each plentiful source:
+    # HarmBench blocks and look-alike false blocks in `ownlm safety train`'s manifest, stop 28.
+    full_sources: list[str] = Field(
+        default_factory=list,
+        description="Sources used in full whatever max_per_source says (the scarce signal: harmful "
+        "prompts and look-alikes); names as in the manifest's per-source counts.",
+    )
     eval_per_source: int = Field(300, ge=1, description="Cap on each held-out split per source (fixed).")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="Held out for tests (≥ align.test_fraction).")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="Held out for threshold calibration.")
@@ -314,6 +322,7 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         request_forms_per_prompt=cfg.request_forms,
         max_per_source=cfg.max_per_source,
         eval_per_source=cfg.eval_per_source,
+        full_sources=cfg.full_sources,
         test_fraction=cfg.test_fraction,
         val_fraction=cfg.val_fraction,
         seed=seed,
@@ -331,6 +340,10 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         hf_logging.set_verbosity_error()  # "newly initialized: classifier.weight" is the point here
         try:
             tok = AutoTokenizer.from_pretrained(base)
+            # The new head's initial weights come from torch's generator: seeded, the same recipe
+            # trains the same classifier (unseeded, one config's HarmBench block rate went from
+            # 0.58 to 0.71 between runs, stop 28).
+            torch.manual_seed(seed)
             model = BertForSequenceClassification.from_pretrained(
                 base,
                 num_labels=len(labels),
@@ -374,6 +387,7 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         w.metrics["thresholds"] = meta["thresholds"]
         w.metrics["calibrated_precision"] = clf.precision
         w.metrics["texts"] = {k: len(v) for k, v in by_split.items()}
+        w.metrics["train_sources"] = dict(sorted(Counter(e.source for e in by_split["train"]).items()))
         with (w.tmp / "test_predictions.jsonl").open("w") as f:
             for e, s, fl in zip(by_split["test"], test_scores, flagged, strict=True):
                 row = {**e.as_dict(), "flagged": sorted(fl), "scores": {k: round(v, 4) for k, v in s.items()}}
