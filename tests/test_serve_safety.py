@@ -319,6 +319,15 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
         asyncio.run(batcher.check("hello"))
 
 
+def test_int8_scores_do_not_depend_on_what_shares_the_pass(safety_classifier):
+    clf = SafetyClassifier(safety_classifier, quantize="int8")
+    texts = [HARMFUL, "What is the capital of France?", "kill the stuck build job", "x " * 400, "ok"]
+    alone = [clf.scores([t])[0] for t in texts]
+    assert clf.rows_per_pass == 1 and clf.scores(texts) == alone
+    clf.rows_per_pass = 16  # batched, a row's scores move with its neighbours' activation range
+    assert clf.scores(texts) != alone
+
+
 def test_a_stream_check_reads_its_new_text_whole_and_context_as_it_fits(safety_classifier):
     clf = SafetyClassifier(safety_classifier, quantize="bf16")
     rows: list[list] = []

@@ -7,14 +7,20 @@ compression stage builds on it).
   scores within 0.005 of fp32, and each row's result independent of what it is batched with.
 - `int8`: dynamic int8 quantization of the Linear layers, for CPUs without native bf16. It is
   fastest for one short text (3.4 ms against bf16's 4.9 ms for 16 tokens), but its activation
-  scale is one per tensor: a text's scores move by up to 0.15 with what shares its batch, and by
-  up to 0.13 from fp32's. `torch.ao.quantization.quantize_dynamic` is deprecated in favour of
-  torchao, but on this CPU it ran MiniLM ~4x faster than fp32 on one thread where torchao's int8
-  dynamic path gained ~1.4x on a small LM (DATA_SOURCES.md).
+  scale is one per tensor: a text's scores move with what shares its batch and away from fp32's.
+  On an AVX2 core (`bench/classifier_precision.py`, 400 prompts, stop 28): p50 15.2 ms against
+  fp32's 29.2 (bf16, emulated there, 64.7), scores up to 0.48 from fp32's alone and 0.81 between
+  alone and batched, 4% of verdicts different from fp32's; so the safety classifier scores int8
+  rows one per pass, and its thresholds are calibrated in the precision it serves in. Keeping
+  the FFN output or attention layers in fp32 cut the drift only to 0.06-0.27, at 19-25 ms (by
+  hand). `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao, but on the
+  AMX CPU it ran MiniLM ~4x faster than fp32 on one thread where torchao's int8 dynamic path
+  gained ~1.4x on a small LM (DATA_SOURCES.md).
 - `auto`: bf16 where the CPU has it natively, else int8. `none`: fp32.
 
-The figures are from a session's measurement by hand (issue 15, stop 27), not a project command;
-`bench/safety.py` measures the served path's per-prompt latency.
+The AMX figures are from a session's measurement by hand (issue 15, stop 27);
+`bench/classifier_precision.py` measures all three on the machine it runs on, and
+`bench/safety.py` the served path's per-prompt latency.
 """
 
 from __future__ import annotations

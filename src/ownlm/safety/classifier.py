@@ -13,8 +13,10 @@ model's window is scored in up to `max_windows` overlapping windows spread over 
 category takes its highest score, so harm at the end of a long jailbreak is not cut off.
 
 On CPU the model runs in bf16 where the CPU computes it natively, else with int8 dynamic
-quantization (`ownlm.models.cpu_precision`, with the measurements): ~5 ms for a short prompt on
-one core, ~1.3 ms each for prompts scored together (`safety.batcher`).
+quantization (`ownlm.models.cpu_precision`; `bench/classifier_precision.py` measures each
+precision's latency and drift from fp32): on an AMX core ~5 ms for a short prompt, ~1.3 ms each
+for prompts scored together in bf16 (`safety.batcher`); on an AVX2 core in int8, ~15 ms each,
+one row per pass.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class SafetyClassifier:
         quantize: Precision = "auto",
         threads: int | None = 1,
         max_windows: int = 4,
-        rows_per_pass: int = 16,
+        rows_per_pass: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -113,7 +115,6 @@ class SafetyClassifier:
         self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
         self.max_length = int(meta.get("max_length", 128))
         self.max_windows = max_windows
-        self.rows_per_pass = rows_per_pass
         try:
             config = AutoConfig.from_pretrained(self.path)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -136,6 +137,12 @@ class SafetyClassifier:
         model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
         self.precision = resolve(quantize)
         self.model = for_cpu_inference(model, self.precision)
+        # int8's activation scale is one per tensor, so a row's scores move with what shares its
+        # pass (by up to 0.81 on the tiny recipe's classifier, and 4% of verdicts differ from
+        # fp32's: bench/classifier_precision.py, stop 28). A verdict must not depend on other
+        # requests, so int8 scores one row per pass (15.2 ms a prompt against 11.0 batched here);
+        # bf16 and fp32 rows are independent and go 16 to a pass.
+        self.rows_per_pass = rows_per_pass or (1 if self.precision == "int8" else 16)
         self._torch = torch
         self._lock = threading.Lock()
         self._first: dict[str, list[int]] = {}
