@@ -140,8 +140,9 @@ class SafetyClassifier:
         # int8's activation scale is one per tensor, so a row's scores move with what shares its
         # pass (by up to 0.81 on the tiny recipe's classifier, and 4% of verdicts differ from
         # fp32's: bench/classifier_precision.py, stop 28). A verdict must not depend on other
-        # requests, so int8 scores one row per pass (15.2 ms a prompt against 11.0 batched here);
-        # bf16 and fp32 rows are independent and go 16 to a pass.
+        # requests, so int8 scores one row per pass (AVX2: 12.5 ms a prompt in passes of 16 texts,
+        # against 11.0 when they were batched; the bench's batch16_ms_per_prompt); bf16 and fp32
+        # rows are independent and go 16 to a pass.
         self.rows_per_pass = rows_per_pass or (1 if self.precision == "int8" else 16)
         self._torch = torch
         self._lock = threading.Lock()
