@@ -192,6 +192,18 @@ def test_cai_mechanics_on_a_tiny_model(recipe, safety_classifier):
     rows = [json.loads(x) for x in (root / "pairs" / "train.jsonl").read_text().splitlines()]
     rows += [json.loads(x) for x in (root / "pairs" / "val.jsonl").read_text().splitlines()]
     assert rows and all(0 < r["meta"]["classifier_p_first"] < 1 for r in rows)
+    # Several revision trails: the classifier picks each prompt's least harmful final (SL-CAI redone).
+    best_of = judged.model_copy(update={"revision_samples": 2})
+    fourth = recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": best_of})})
+    run_cai(fourth, fourth.align, _policy(recipe))
+    sl = _manifest(root / "sl_data")
+    assert sl["metrics"]["revision_judge"] == "classifier" and "classifier" in sl["inputs"]
+    critiques = [json.loads(x) for x in (root / "sl_data" / "critiques.jsonl").read_text().splitlines()]
+    for c in critiques:
+        cands = c["candidates"]
+        assert len(cands) == 2 and sum(x["chosen"] for x in cands) == 1
+        best = next(x for x in cands if x["chosen"])
+        assert best["final"] == c["final"] and best["harm"] == min(x["harm"] for x in cands)
     nothing = cai.model_copy(update={"classifier": str(critic)})  # a model, not a classifier
     with pytest.raises(OwnlmError, match="align.cai.classifier"):
         run_cai(recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": nothing})}),

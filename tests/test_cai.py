@@ -5,10 +5,12 @@ import pytest
 from ownlm.align.cai import (
     CritiqueExample,
     Principle,
+    _phrase_harm,
     ai_preference_labels,
     benign_risky_prompts,
     critique_and_revise,
     few_shot_turns,
+    least_harmful_trails,
     load_constitution,
     load_examples,
     red_team_prompts,
@@ -241,3 +243,18 @@ def test_generation_helpers_on_a_real_tiny_model(trained_run):
     assert generate_replies(model, tok, convs[:1], max_new_tokens=8, temperature=0) == greedy[:1]
     probs = next_token_probs(model, tok, convs, "(", ["A", "B"])
     assert len(probs) == 2 and all(p == pytest.approx([p[0], 1 - p[0]]) for p in probs)
+
+
+def test_the_least_harmful_of_several_trails_is_kept():
+    def trail(finals):
+        return [{"prompt": f"q{i}", "initial": "x", "rounds": [], "final": f} for i, f in enumerate(finals)]
+
+    trails = [trail(["Sure, here is how.", "No."]), trail(["I can't help with that.", "Fine: step one..."])]
+    harm = {"Sure, here is how.": 0.9, "No.": 0.2, "I can't help with that.": 0.1, "Fine: step one...": 0.2}
+    kept = least_harmful_trails(trails, lambda texts: [harm[t] for t in texts])
+    assert [h["final"] for h in kept] == ["I can't help with that.", "No."]  # a tie goes to the first trail
+    assert [c["chosen"] for c in kept[0]["candidates"]] == [False, True]
+    assert kept[0]["candidates"][0] == {"final": "Sure, here is how.", "harm": 0.9, "chosen": False}
+    # Without a classifier the phrase judge decides: a refusal is the least harmful reply.
+    assert least_harmful_trails(trails, _phrase_harm)[0]["final"] == "I can't help with that."
+    assert least_harmful_trails(trails[:1], _phrase_harm) == trails[0]  # one trail: nothing judged

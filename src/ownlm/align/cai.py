@@ -5,7 +5,9 @@
 - SL-CAI: the model answers red-team prompts; for N rounds a randomly drawn principle's critique
   request makes it criticise its last reply and the revision request makes it rewrite it. The
   final revisions, mixed with helpful replies to ordinary and harmless-but-risky-looking prompts
-  (so safety does not turn into refusing everything), become SFT data.
+  (so safety does not turn into refusing everything), become SFT data. With `revision_samples`
+  > 1, several trails are sampled per prompt and the final the safety classifier scores least
+  harmful is kept (best-of-n; the phrase judge without a classifier).
 - RL-CAI: two sampled replies per prompt; the feedback model is shown both under a random
   principle's choice question and its next-token probabilities of "A" and "B" (averaged over both
   orders, which cancels its position bias) become a soft preference label, the input of the
@@ -202,6 +204,35 @@ def critique_and_revise(
     return history
 
 
+def least_harmful_trails(
+    trails: Sequence[Sequence[dict[str, Any]]], harm_fn: Callable[[list[str]], list[float]]
+) -> list[dict[str, Any]]:
+    """Per prompt, the trail (of several `critique_and_revise` runs over the same prompts) whose
+    final reply `harm_fn` scores least harmful; ties go to the earliest. The others' finals and
+    every score are kept in the chosen trail's `candidates`.
+
+    Best-of-n against a judge is our addition to Bai et al.: a 135M critic turns about a third of
+    its revisions into refusals, so one trail per prompt teaches the policy to refuse a third of
+    the time; the best of four, judged by the safety classifier, most of the time.
+    """
+    if len(trails) == 1:
+        return list(trails[0])
+    finals = [h["final"] for trail in trails for h in trail]
+    scores = harm_fn(finals)
+    n = len(trails[0])
+    out = []
+    for i in range(n):
+        cands = [(scores[k * n + i], k) for k in range(len(trails))]
+        best = min(cands)[1]
+        chosen = dict(trails[best][i])
+        chosen["candidates"] = [
+            {"final": trails[k][i]["final"], "harm": round(score, 6), "chosen": k == best}
+            for score, k in cands
+        ]
+        out.append(chosen)
+    return out
+
+
 def copies_an_example(text: str, examples: Sequence[CritiqueExample], threshold: float = 80.0) -> bool:
     """Whether a revision repeats one of the worked examples (a stretch of it, fuzzy partial match
     ≥ `threshold` of 100) instead of revising its own reply. A small model does this often (SmolLM2-135M:
@@ -380,16 +411,18 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     helpful = _helpful_prompts(recipe, c.helpful_prompts, benign["train"], rng)
     root = recipe.run_dir / "cai"
     config = {
-        # The classifier judges RL-CAI's pairs only: changing it must not redo SL-CAI.
+        # The classifier's weight concerns RL-CAI's pairs only: changing it must not redo SL-CAI (the
+        # classifier itself is an input of SL-CAI's data when it picks among revision_samples).
         "cai": c.model_dump(exclude={"classifier", "classifier_weight"}),
         "principles": [p.model_dump() for p in constitution],
         "examples": [x.model_dump() for x in examples],
         "sl_filter": "drop revisions that copy a worked example (partial ratio >= 80)",
         "seed": recipe.seed,
     }
+    clf = classifier_dir(c, recipe.run_dir)
     data_dir = _sl_data(
         policy, harm_train, helpful, constitution, examples, c, config, root / "sl_data",
-        random.Random(f"{recipe.seed}-sl-data"), force,
+        random.Random(f"{recipe.seed}-sl-data"), force, clf,
     )  # fmt: skip
 
     sft_cfg = SFTConfig(
@@ -408,7 +441,6 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     prompts = rng.sample(harmful["train"], min(len(harmful["train"]), c.rl_prompts // 2))
     prompts += helpful[: c.rl_prompts - len(prompts)]
     harmful_set = set(harmful["train"])
-    clf = classifier_dir(c, recipe.run_dir)
     rl_config = {**config, "classifier_weight": c.classifier_weight if clf else None}
     is_harmful = [p in harmful_set for p in prompts]
     pairs_dir = _rl_pairs(
@@ -417,10 +449,27 @@ def run_cai(recipe, cfg, policy: Path, force: bool = False) -> Path:
     return run_dpo(sl, pairs_dir, seeded(cfg.dpo, recipe.seed), out, force=force)
 
 
+def _phrase_harm(texts: list[str]) -> list[float]:
+    """The phrase judge as a harm score: a refusal is the safe reply (the judge without a classifier)."""
+    return [PHRASE_REFUSAL[not is_refusal(t)] for t in texts]
+
+
 def _sl_data(
-    policy, harmful, helpful, constitution, examples, c, config, out: Path, rng, force: bool
+    policy,
+    harmful,
+    helpful,
+    constitution,
+    examples,
+    c,
+    config,
+    out: Path,
+    rng,
+    force: bool,
+    clf_dir: Path | None = None,
 ) -> Path:
-    """SL-CAI's SFT data: final revisions of red-team answers, plus plain answers to helpful prompts."""
+    """SL-CAI's SFT data: final revisions of red-team answers (the least harmful of
+    `c.revision_samples` trails by the classifier at `clf_dir`, else by the phrase judge), plus
+    plain answers to helpful prompts."""
     import functools
 
     from ownlm.core.artifacts import artifact_hash, is_up_to_date, sha256_json, stage_dir
@@ -430,18 +479,28 @@ def _sl_data(
     inputs = {"policy": artifact_hash(policy), "prompts": sha256_json([harmful, helpful])}
     if critic_dir != policy:
         inputs["feedback_model"] = artifact_hash(critic_dir)
+    judged = c.revision_samples > 1 and clf_dir is not None
+    if judged:
+        inputs["classifier"] = artifact_hash(clf_dir)
     if not force and is_up_to_date(out, config, inputs):
         return out
+    harm_fn = _classifier_judges(clf_dir)[0] if judged else None
     model, tok = _load(policy)
-    kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=config["seed"])
-    answer = functools.partial(generate_replies, model, tok, **kw)
+    kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature)
     critic, critic_tok = (model, tok) if critic_dir == policy else _load(critic_dir)
-    generate = functools.partial(generate_replies, critic, critic_tok, **kw)
     context = int(getattr(critic.config, "max_position_embeddings", 0) or 1 << 30)
     examples = examples_that_fit(critic_tok, examples[: c.examples], constitution, context // 2)
     with stage_dir(out, "cai-sl-data", config, inputs) as w:
-        history = critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples, answer)
-        answers = answer(_user(helpful))
+        trails = []
+        for k in range(c.revision_samples):  # each trail samples with its own seed
+            seed = config["seed"] + k
+            answer = functools.partial(generate_replies, model, tok, seed=seed, **kw)
+            generate = functools.partial(generate_replies, critic, critic_tok, seed=seed, **kw)
+            trails.append(
+                critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples, answer)
+            )
+        history = least_harmful_trails(trails, harm_fn or _phrase_harm)
+        answers = functools.partial(generate_replies, model, tok, seed=config["seed"], **kw)(_user(helpful))
         plain = [
             {"prompt": p, "initial": a, "rounds": [], "final": a}
             for p, a in zip(helpful, answers, strict=True)
@@ -463,6 +522,12 @@ def _sl_data(
             "examples_shown": len(examples),
             "feedback_model": str(critic_dir),
             "refusal_rate_kept": refusal_rate([h["final"] for h in kept]),
+            "revision_samples": c.revision_samples,
+            "revision_judge": "classifier" if harm_fn else "phrase",
+            # The share of prompts with a refusal among their trails' finals (what best-of-n can reach).
+            "refusal_rate_any_trail": _mean(
+                [any(is_refusal(t[i]["final"]) for t in trails) for i in range(len(harmful))]
+            ),
             "helpful_refusal_rate": refusal_rate(answers),
         }  # fmt: skip
     return out

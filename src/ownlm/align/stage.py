@@ -47,6 +47,13 @@ class CAIConfig(StrictModel):
         128, ge=0, description="Helpful prompts (benign-but-risky train split + instruction data) mixed in."
     )
     rounds: int = Field(1, ge=1, description="Critique → revision rounds per harmful prompt.")
+    revision_samples: int = Field(
+        1,
+        ge=1,
+        description="Critique → revision trails sampled per harmful prompt; SL-CAI keeps the final "
+        "reply the safety classifier (see `classifier`) scores least harmful, else one the phrase "
+        "judge calls a refusal.",
+    )
     feedback_model: str | None = Field(
         None,
         description="The model that critiques, revises and labels pairs (an HF dir or a built-in name); "
