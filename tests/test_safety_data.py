@@ -8,7 +8,8 @@ import json
 import pytest
 from rapidfuzz import fuzz, process
 
-from ownlm.safety.classifier import ADVISORY, UNSAFE, SafetyClassifier, hazardous
+from ownlm.core.errors import OwnlmError
+from ownlm.safety.classifier import ADVISORY, REFUSAL, UNSAFE, SafetyClassifier, hazardous
 from ownlm.safety.prompts import advbench_prompts, harmbench_prompts, harmful_prompts
 from ownlm.safety_training.dataset import build_examples
 from ownlm.safety_training.stage import train_safety_classifier
@@ -148,3 +149,69 @@ def test_the_same_seed_trains_the_same_classifier(tmp_path):
     cfg = SafetyTrainConfig(**{**TINY_SAFETY, "max_per_source": 4, "layers": 1})
     a, b = (train_safety_classifier(cfg, tmp_path / name, seed=3) for name in ("a", "b"))
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_a_distilled_student_is_what_the_stage_serves(tmp_path):
+    from conftest import TINY_SAFETY
+    from ownlm.safety_training.stage import SafetyTrainConfig
+
+    cfg = SafetyTrainConfig(**{**TINY_SAFETY, "max_per_source": 4, "layers": 2, "distill": {"layers": 1}})
+    out = train_safety_classifier(cfg, tmp_path / "safety", seed=0)
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["teacher_layers"] == 2 and metrics["student"]["layers_kept"] == [1]
+    assert metrics["student"]["steps"] >= 1 and metrics["student"]["teacher_scoring_s"] >= 0
+    clf = SafetyClassifier(out)
+    assert clf.model.config.num_hidden_layers == 1 and clf.check("hello").level == "classifier"
+    too_big = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"layers": 2})})
+    with pytest.raises(OwnlmError, match="safety.distill.layers 2"):
+        train_safety_classifier(too_big, tmp_path / "big", seed=0)
+
+
+def test_distillation_moves_the_student_towards_its_teacher(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from conftest import TINY_SAFETY
+    from ownlm.safety_training.dataset import build_examples
+    from ownlm.safety_training.stage import (
+        SafetyTrainConfig,
+        _encode,
+        _teacher_logits,
+        _train,
+        base_model_dir,
+        student_of,
+    )
+
+    base = base_model_dir("all-MiniLM-L6-v2")
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification.from_pretrained(base, num_labels=3, num_hidden_layers=3).eval()
+    with torch.no_grad():  # a head that reads the encoder (a new one outputs ~0 whatever the text)
+        teacher.classifier.weight.normal_(0, 1.0)
+    student, kept = student_of(teacher, 2)
+    assert kept == [0, 2] and student_of(teacher, 1)[1] == [2]
+    for k, i in enumerate(kept):
+        sd, td = student.bert.encoder.layer[k].state_dict(), teacher.bert.encoder.layer[i].state_dict()
+        assert all(torch.equal(sd[n], td[n]) for n in td)
+    kw = {"request_forms_per_prompt": 0, "test_fraction": 0.25, "val_fraction": 0.15}
+    train = [e for e in build_examples(per_template=1, max_per_source=3, eval_per_source=2, seed=0, **kw)
+             if e.split == "train"][:48]  # fmt: skip
+    enc = _encode(tok, train, 32)
+
+    def gap() -> float:
+        return (
+            (_teacher_logits(student.eval(), tok, enc) - _teacher_logits(teacher, tok, enc))
+            .abs()
+            .mean()
+            .item()
+        )
+
+    with torch.no_grad():  # the student starts far from its teacher: its head reads nothing
+        student.classifier.weight.zero_()
+    before = gap()
+    # By hand: the gap went 1.17 -> 0.17 with the teacher's scores, 1.17 -> 1.94 on labels alone.
+    distill = {"layers": 2, "soft_weight": 1.0, "epochs": 8, "lr": 1e-3}
+    cfg = SafetyTrainConfig(**{**TINY_SAFETY, "distill": distill})
+    _train(student, tok, train, [UNSAFE, REFUSAL, "S1"], cfg, 0, tmp_path / "log.jsonl", teacher)
+    after = gap()
+    assert after < 0.5 * before, (before, after)

@@ -58,6 +58,22 @@ from ownlm.safety_training.dataset import TEMPLATES, Example, build_examples
 MINILM = "all-MiniLM-L6-v2"
 
 
+class DistillConfig(StrictModel):
+    """A smaller student trained to match the tuned classifier (the teacher): what is served."""
+
+    layers: int = Field(
+        3, ge=1, description="Student encoder layers, taken evenly from the teacher's (the top one kept)."
+    )
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    soft_weight: float = Field(
+        0.7, ge=0, le=1, description="Weight of the teacher's scores against the true labels in the loss."
+    )
+    temperature: float = Field(
+        2.0, gt=0, description="Both sides' logits are divided by it in the soft loss."
+    )
+
+
 class SafetyTrainConfig(StrictModel):
     base: str = Field(MINILM, description=f"Encoder to tune: {MINILM} (from its PyPI package) or an HF dir.")
     max_length: int = Field(128, ge=16, le=512, description="Tokens per window (prompt or reply).")
@@ -103,6 +119,11 @@ class SafetyTrainConfig(StrictModel):
     threads: int | None = Field(None, ge=1, description="torch threads while training (default: all cores).")
     precision: Literal["auto", "bf16", "none"] = Field(
         "auto", description="Matmuls in bf16 autocast (auto: where the CPU computes bf16 natively) or fp32."
+    )
+    distill: DistillConfig | None = Field(
+        None,
+        description="Distil the tuned classifier into a smaller student and serve that (null: serve the "
+        "tuned classifier itself).",
     )
     seed: int | None = None
 
@@ -228,30 +249,80 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[li
     return out
 
 
-def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrainConfig, seed: int, log: Path):
+def _encode(tok, texts: list[Example], max_length: int) -> list:
+    return [tok(DIRECTION_WORD[e.direction], e.text, truncation="only_second", max_length=max_length)
+            for e in texts]  # fmt: skip
+
+
+def _teacher_logits(model, tok, enc: list, batch_size: int = 64):
+    """The tuned classifier's logits on each encoded text (fp32, eval mode), in order."""
+    import torch
+
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
+    out = torch.empty(len(enc), model.config.num_labels)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            ids = order[s : s + batch_size]
+            out[ids] = model(**tok.pad([enc[i] for i in ids], return_tensors="pt")).logits.float()
+    return out
+
+
+def student_of(teacher, layers: int):
+    """A copy of `teacher` keeping `layers` of its encoder layers, evenly spaced with the top one
+    kept (DistilBERT's initialisation from every other layer), embeddings and head included."""
+    import copy
+
+    import torch
+
+    n = len(teacher.bert.encoder.layer)
+    if layers >= n:
+        raise OwnlmError(
+            f"safety.distill.layers {layers}: the student must have fewer layers than the teacher's {n}"
+        )
+    keep = [n - 1 - round(k * n / layers) for k in reversed(range(layers))]  # 6 -> 3: 1, 3, 5
+    student = copy.deepcopy(teacher)
+    student.bert.encoder.layer = torch.nn.ModuleList(student.bert.encoder.layer[i] for i in keep)
+    student.config.num_hidden_layers = layers
+    return student, keep
+
+
+def _train(
+    model, tok, train: list[Example], labels: list[str], cfg: SafetyTrainConfig, seed: int, log: Path,
+    teacher=None,
+):  # fmt: skip
+    """Fine-tune `model` on the true labels, or, given a `teacher`, as its student (cfg.distill):
+    (1 - w) x the labels' loss + w x the loss against the teacher's scores at temperature T
+    (times T², which keeps its gradients' scale, as Hinton et al.)."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
+    d = cfg.distill if teacher is not None else None
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    enc = [tok(DIRECTION_WORD[e.direction], e.text, truncation="only_second", max_length=cfg.max_length)
-           for e in train]  # fmt: skip
+    enc = _encode(tok, train, cfg.max_length)
     y = torch.tensor([[float(c in e.labels or (c == UNSAFE and hazardous(e.labels))) for c in labels]
                       for e in train])  # fmt: skip
     pos = y.sum(0)
     pos_weight = ((len(train) - pos) / pos.clamp(min=1)).sqrt().clamp(1.0, 3.0)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    # Start each label's bias at its prior log-odds (as RetinaNet's focal-loss init does): from 0,
-    # hundreds of steps went into pushing 17 sigmoids down to their ~3% prevalence before any
-    # learnt to tell texts apart (loss flat at the prior's ~0.25).
-    prior = (pos / len(train)).clamp(1e-3, 0.5)
-    with torch.no_grad():
-        model.classifier.bias.copy_(torch.log(prior / (1 - prior)))
+    soft = None
+    if d is not None:
+        t0 = time.time()
+        soft = torch.sigmoid(_teacher_logits(teacher, tok, enc) / d.temperature)
+        teacher_s = round(time.time() - t0, 1)
+    else:
+        # Start each label's bias at its prior log-odds (as RetinaNet's focal-loss init does): from
+        # 0, hundreds of steps went into pushing 17 sigmoids down to their ~3% prevalence before
+        # any learnt to tell texts apart (loss flat at the prior's ~0.25). A student starts from
+        # its teacher's head.
+        prior = (pos / len(train)).clamp(1e-3, 0.5)
+        with torch.no_grad():
+            model.classifier.bias.copy_(torch.log(prior / (1 - prior)))
 
     layers = model.bert.encoder.layer
     if not cfg.train_embeddings:
         model.bert.embeddings.word_embeddings.weight.requires_grad = False
-    if cfg.train_layers != "all":
+    if cfg.train_layers != "all" and d is None:
         keep = min(int(cfg.train_layers), len(layers))
         for p in model.bert.embeddings.parameters():
             p.requires_grad = False
@@ -260,17 +331,18 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
                 p.requires_grad = False
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("classifier")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier")]
+    lr, head_lr, epochs = (cfg.lr, cfg.head_lr, cfg.epochs) if d is None else (d.lr, d.lr, d.epochs)
     opt = torch.optim.AdamW(
-        [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay
+        [{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=cfg.weight_decay
     )
     lengths = [len(x["input_ids"]) for x in enc]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = max(1, round(per_epoch * cfg.epochs))
+    total = max(1, round(per_epoch * epochs))
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_fraction * total), total)
     bf16 = resolve(cfg.precision) == "bf16"
     model.train()
     step, t0, batches = 0, time.time(), []
-    with bar("safety classifier", total, "loss") as progress, log.open("w") as f:
+    with bar("safety student" if d else "safety classifier", total, "loss") as progress, log.open("w") as f:
         while step < total:
             if not batches:
                 batches = _batches(lengths, cfg.batch_size, rng)
@@ -279,6 +351,10 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = model(**feats).logits
             loss = loss_fn(logits.float(), y[ids])
+            if d is not None:
+                t = d.temperature
+                matched = torch.nn.functional.binary_cross_entropy_with_logits(logits.float() / t, soft[ids])
+                loss = (1 - d.soft_weight) * loss + d.soft_weight * t * t * matched
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -289,8 +365,11 @@ def _train(model, tok, train: list[Example], labels: list[str], cfg: SafetyTrain
             row = {"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 2)}
             f.write(json.dumps(row) + "\n")
     model.eval()
-    return {"steps": total, "train_examples": len(train), "train_time_s": round(time.time() - t0, 1),
-            "train_precision": "bf16" if bf16 else "fp32"}  # fmt: skip
+    out = {"steps": total, "train_examples": len(train), "train_time_s": round(time.time() - t0, 1),
+           "train_precision": "bf16" if bf16 else "fp32"}  # fmt: skip
+    if d is not None:
+        out["teacher_scoring_s"] = teacher_s
+    return out
 
 
 def _flags(clf: SafetyClassifier, examples: list[Example], batch: int = 64) -> list[dict[str, float]]:
@@ -356,6 +435,14 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         finally:
             hf_logging.set_verbosity(verbosity)
         w.metrics = _train(model, tok, by_split["train"], labels, cfg, seed, w.tmp / "metrics.jsonl")
+        if cfg.distill:
+            teacher = model.eval()
+            model, kept = student_of(teacher, cfg.distill.layers)
+            log = w.tmp / "student.jsonl"
+            student = _train(model, tok, by_split["train"], labels, cfg, seed, log, teacher)
+            w.metrics["teacher_layers"] = len(teacher.bert.encoder.layer)
+            w.metrics["student"] = {**student, "layers_kept": kept}
+            del teacher
         model.save_pretrained(w.tmp)
         tok.save_pretrained(w.tmp)
         meta = {"format": FORMAT, "labels": labels, "thresholds": dict.fromkeys(labels, 0.5),
