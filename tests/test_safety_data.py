@@ -129,6 +129,27 @@ def test_every_hazard_template_names_every_name_of_its_family_beside_lookalikes(
     assert "train" in {e.split for e in examples if e.source == "hazard-lookalikes"}
 
 
+def test_minimal_pairs_fill_each_frame_with_harmful_and_harmless_content(examples):
+    import yaml
+
+    from ownlm.safety_training.dataset import TEMPLATES
+
+    by_text = {e.text: e for e in examples if e.source.startswith("pair-")}
+    for pair in yaml.safe_load(TEMPLATES.read_text())["pairs"]:
+        harmful = [(x, c) for c, xs in pair["harmful"].items() for x in xs]
+        for frame in pair["frames"]:  # every filling, one split per frame
+            rows = [by_text[frame.format(x=x)] for x, _ in harmful]
+            rows += [by_text[frame.format(x=x)] for x in pair["harmless"]]
+            assert len({r.split for r in rows}) == 1
+            bad, good = rows[: len(harmful)], rows[len(harmful) :]
+            labelled = zip(bad, [c for _, c in harmful], strict=True)
+            assert all(r.labels == (c,) and r.kind == "harmful" for r, c in labelled)
+            assert all(r.labels == () and r.kind == "lookalike" for r in good)
+        for frame in pair["about"]:  # the harmful fillings named harmlessly
+            assert all(by_text[frame.format(x=x)].labels == () for x, _ in harmful)
+    assert {e.split for e in by_text.values() if e.labels} == {"train", "val", "test"}
+
+
 def test_full_sources_ignore_the_cap_and_an_unknown_one_is_named():
     from ownlm.core.errors import OwnlmError
 

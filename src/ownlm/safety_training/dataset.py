@@ -5,7 +5,8 @@ Harmful: Do-Not-Answer (mapped intents, `safety.prompts.DNA_INTENTS`), AdvBench,
 in-the-wild jailbreaks, RealToxicityPrompts' toxic prefixes and slur prompts (as reply text), templates
 for categories the data barely covers (`safety/templates.yaml`), and named hazards (chemical and
 biological agents, explosives, scheduled drugs, named vulnerabilities from public registers) asked
-for beside look-alike questions that name the same things. Harmless: chatterbot's questions
+for beside look-alike questions that name the same things, and minimal pairs (one request frame
+filled with a harmful and with a harmless task or claim). Harmless: chatterbot's questions
 and answers, chitchat messages, ownlm's generated instruction tasks, the over-refusal probe
 (`benign_risky.txt`), templated look-alikes and refusals, and noise (word salad, fragments,
 random characters, standard-library code).
@@ -228,6 +229,17 @@ def build_examples(
             key = f"template/{item['template']}"
             for text in expand_names(item["template"], item.get("slots") or {}, names, rng):
                 add(text, "input", [], "hazard-lookalikes", key, "lookalike")
+    for pair in t.get("pairs", []):  # every filling in every frame (see templates.yaml)
+        harmful = [(x, c) for c, xs in pair["harmful"].items() for x in xs]
+        for frame in pair["frames"]:
+            key = f"pair/{frame}"
+            for x, c in harmful:
+                add(frame.format(x=x), "input", [c], "pair-harmful", key, "harmful")
+            for x in pair["harmless"]:
+                add(frame.format(x=x), "input", [], "pair-lookalikes", key, "lookalike")
+        for frame in pair.get("about", []):
+            for x, _ in harmful:
+                add(frame.format(x=x), "input", [], "pair-lookalikes", f"pair/{frame}", "lookalike")
     for item in t.get("replies", {}).get("harmful", []):
         key = f"template/{item['template']}"
         for text in expand(item["template"], item["slots"], per_template, rng):
