@@ -236,3 +236,18 @@ def test_distillation_moves_the_student_towards_its_teacher(tmp_path):
     _train(student, tok, train, [UNSAFE, REFUSAL, "S1"], cfg, 0, tmp_path / "log.jsonl", teacher)
     after = gap()
     assert after < 0.5 * before, (before, after)
+
+
+def test_the_unsafe_threshold_keeps_every_kind_of_harmless_text_within_budget():
+    from ownlm.safety_training.stage import unsafe_threshold
+
+    # 20 easy harmless prompts (0.1) and 20 hard ones (0.5 .. 0.88), 10 harmful (0.6 .. 0.96).
+    easy, hard = [0.1] * 20, [0.5 + 0.02 * i for i in range(20)]
+    bad = [0.6 + 0.04 * i for i in range(10)]
+    scores = easy + hard + bad
+    harmful = [False] * 40 + [True] * 10
+    pooled = unsafe_threshold(scores, harmful, ["easy"] * 40 + [None] * 10, 0.1)
+    kinds = unsafe_threshold(scores, harmful, ["easy"] * 20 + ["hard"] * 20 + [None] * 10, 0.1)
+    flagged = lambda t, xs: sum(x >= t for x in xs) / len(xs)  # noqa: E731
+    assert flagged(pooled, hard) > 0.1 >= flagged(kinds, hard)  # pooled, the easy ones hide the hard
+    assert flagged(kinds, easy) == 0 and flagged(kinds, bad) > 0

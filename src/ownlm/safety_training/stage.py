@@ -124,7 +124,11 @@ class SafetyTrainConfig(StrictModel):
     # command) gave HarmBench blocks (with the rules) 0.73 at 0.03, 0.80 at 0.05, 0.90 at 0.08, with
     # look-alike false blocks 0.025, 0.034, 0.11; `bench/safety.py` measures the default.
     max_false_block: float = Field(
-        0.05, gt=0, lt=1, description="Most harmless validation prompts the `unsafe` threshold may flag."
+        0.05,
+        gt=0,
+        lt=1,
+        description="Most of each kind of harmless validation text (ordinary prompts, look-alikes, "
+        "replies) the `unsafe` threshold may flag.",
     )
     threads: int | None = Field(None, ge=1, description="torch threads while training (default: all cores).")
     precision: Literal["auto", "bf16", "none"] = Field(
@@ -183,12 +187,19 @@ def best_threshold(scores: list[float], positive: list[bool]) -> float:
     return _best_f1({round(s, 4) for s in scores if 0.2 <= s <= 0.95} | {0.5}, scores, positive, 0.5)
 
 
-def unsafe_threshold(scores: list[float], harmful: list[bool], harmless: list[bool], target: float) -> float:
+def unsafe_threshold(
+    scores: list[float], harmful: list[bool], harmless: list[str | None], target: float
+) -> float:
     """The `unsafe` threshold with the best F1 on validation among those that flag at most
-    `target` of the harmless validation prompts."""
-    neg = sorted((s for s, h in zip(scores, harmless, strict=True) if h), reverse=True)
-    k = int(target * len(neg))
-    floor = neg[k] if k < len(neg) else 0.0  # a threshold above it flags at most k of them
+    `target` of each kind of harmless validation text (`harmless[i]`: text i's kind, None for
+    the rest). Per kind, not pooled: easy harmless text (minimal pairs' look-alikes) let a pooled
+    5% fall on the hard kinds, and the threshold dropped from 0.952 to 0.914 while held-out
+    replies were falsely flagged 0.064 instead of 0.024 (stop 29)."""
+    floor = 0.0  # a threshold above it flags at most `target` of every kind
+    for kind in sorted({h for h in harmless if h is not None}):
+        neg = sorted((s for s, h in zip(scores, harmless, strict=True) if h == kind), reverse=True)
+        k = int(target * len(neg))
+        floor = max(floor, neg[k] if k < len(neg) else 0.0)
     default = min(0.999, floor + 1e-4)
     return round(_best_f1({s for s in scores if s > floor}, scores, harmful, default), 6)
 
@@ -471,8 +482,8 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         th[UNSAFE] = unsafe_threshold(
             [s[UNSAFE] for s in val_scores],
             [hazardous(e.labels) for e in val],
-            # Noise is left out: hundreds of easy negatives would let more chat prompts be flagged.
-            [not e.labels and e.direction == "input" and e.kind != "noise" for e in val],
+            # Noise is left out: easy, and no user's traffic.
+            [f"{e.kind}/{e.direction}" if not e.labels and e.kind != "noise" else None for e in val],
             cfg.max_false_block,
         )
         meta["thresholds"] = th
