@@ -16,7 +16,7 @@ from test_serve_api import Server, model, tokenizer  # noqa: F401  (module fixtu
 
 from ownlm.core.errors import OwnlmError
 from ownlm.engine.core import Engine, EngineConfig
-from ownlm.safety.classifier import CLASSIFIER_FILE, SafetyClassifier
+from ownlm.safety.classifier import CLASSIFIER_FILE, UNSAFE, SafetyClassifier
 from ownlm.safety.config import ClassifierConfig, ExternalConfig, RulesConfig, SafetyConfig, StreamConfig
 from ownlm.safety.deobfuscate import deobfuscate
 from ownlm.safety.guard import SafetyGuard
@@ -279,9 +279,23 @@ def test_a_classifier_for_another_label_set_or_tokenizer_is_refused(safety_class
     tokenizer.save_pretrained(other)
     with pytest.raises(OwnlmError, match="not the one the classifier was trained with"):
         SafetyClassifier(other)
+    meta["labels"][1] = json.loads((safety_classifier / CLASSIFIER_FILE).read_text())["labels"][1]
+    meta["output_thresholds"] = {"weather": 0.5}
+    (bad / CLASSIFIER_FILE).write_text(json.dumps(meta))
+    with pytest.raises(OwnlmError, match="'output_thresholds' must map labels"):
+        SafetyClassifier(bad)
     clf = SafetyClassifier(safety_classifier)
     v = clf.check("x " * 5000)  # far past the window: scored over several windows
     assert v.level == "classifier" and set(v.scores) == set(clf.labels)
+
+
+def test_replies_go_by_their_own_threshold(safety_classifier):
+    clf = SafetyClassifier(safety_classifier)
+    assert set(clf.output_thresholds) == {UNSAFE}  # calibrated by the stage on harmless replies
+    clf.thresholds, clf.output_thresholds = {**clf.thresholds, UNSAFE: 0.5}, {UNSAFE: 0.9}
+    scores = {**dict.fromkeys(clf.labels, 0.0), UNSAFE: 0.7}
+    assert clf.decide(scores, "input") and not clf.decide(scores, "output")
+    assert clf.verdict(scores, "output").flagged is False and clf.verdict(scores).flagged is True
 
 
 def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety_classifier):
@@ -298,12 +312,12 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
 
     got = asyncio.run(main())
     assert batcher.checks == 16 and batcher.passes < 16  # all 16 arrived while the first pass ran
-    for v, s in zip(got, alone, strict=True):
+    for v, s, d in zip(got, alone, dirs, strict=True):
         assert v.level == "classifier" and v.scores.keys() == s.keys()
         # In bf16 a row's scores hardly depend on its batch (~1e-4 from kernel choices by shape;
         # int8's per-tensor activation scales moved them by up to 0.15).
         assert max(abs(v.scores[k] - s[k]) for k in s) < 2e-3
-        assert v.flagged == bool(clf.decide(s))
+        assert v.flagged == bool(clf.decide(s, d))
 
     def broken(items, new_from=None):
         raise RuntimeError("out of memory")

@@ -82,7 +82,8 @@ class ClassifierBatcher:
         while (jobs := self._take()) is not None:
             try:
                 scores = self.classifier.score_items([(t, d) for t, d, *_ in jobs], [j[2] for j in jobs])
-                results, error = [self.classifier.verdict(s) for s in scores], None
+                results = [self.classifier.verdict(s, d) for s, (_, d, *_) in zip(scores, jobs, strict=True)]
+                error = None
             except Exception as e:  # every waiting request gets the error, none hangs
                 results, error = [None] * len(jobs), e
             self.passes += 1

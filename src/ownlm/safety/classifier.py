@@ -90,6 +90,9 @@ def read_classifier_meta(path: Path) -> dict:
     th = meta.get("thresholds")
     if not isinstance(th, dict) or set(th) != set(labels):
         raise OwnlmError(f"{f}: 'thresholds' must give one threshold per label")
+    out = meta.get("output_thresholds", {})
+    if not isinstance(out, dict) or not set(out) <= set(labels):
+        raise OwnlmError(f"{f}: 'output_thresholds' must map labels to thresholds")
     return meta
 
 
@@ -113,6 +116,11 @@ class SafetyClassifier:
         meta = read_classifier_meta(self.path)
         self.labels: list[str] = meta["labels"]
         self.thresholds: dict[str, float] = {k: float(v) for k, v in meta["thresholds"].items()}
+        # Replies may have their own (a stream is checked once per window, so a reply's chance
+        # of a false stop grows with its length); absent, a reply goes by the prompts' thresholds.
+        self.output_thresholds: dict[str, float] = {
+            k: float(v) for k, v in meta.get("output_thresholds", {}).items()
+        }
         self.max_length = int(meta.get("max_length", 128))
         self.max_windows = max_windows
         try:
@@ -217,12 +225,13 @@ class SafetyClassifier:
             logits = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=types).logits
             return logits.float().sigmoid().tolist()
 
-    def decide(self, s: dict[str, float]) -> tuple[str, ...]:
+    def decide(self, s: dict[str, float], direction: str = "input") -> tuple[str, ...]:
         """The flagged categories of one score dict (empty: clean). With an `unsafe` label, it
         decides whether a hazard is flagged, and the hazard categories over their thresholds
         (else the likeliest one) say which; advisory ones (S6) and prompt attacks go by their
-        own thresholds too."""
-        th = self.thresholds
+        own thresholds too. A reply's scores (`direction` "output") go by `output_thresholds`
+        where there are any."""
+        th = self.thresholds if direction == "input" else {**self.thresholds, **self.output_thresholds}
         hazards = [c for c in self.labels if c not in (UNSAFE, REFUSAL) and c not in ADVISORY]
         advisory = tuple(c for c in self.labels if c in ADVISORY and s[c] >= th[c])
         over = tuple(c for c in hazards if s[c] >= th[c])
@@ -243,12 +252,12 @@ class SafetyClassifier:
         scores = self.refusal_scores(replies)
         return None if scores is None else [x >= self.thresholds[REFUSAL] for x in scores]
 
-    def verdict(self, s: dict[str, float]) -> Verdict:
-        cats = self.decide(s)
+    def verdict(self, s: dict[str, float], direction: str = "input") -> Verdict:
+        cats = self.decide(s, direction)
         return Verdict(bool(cats), cats, s, "classifier")
 
     def verdicts(self, texts: list[str], direction: str = "input") -> list[Verdict]:
-        return [self.verdict(s) for s in self.scores(texts, direction)]
+        return [self.verdict(s, direction) for s in self.scores(texts, direction)]
 
     def check(self, text: str, direction: str = "input") -> Verdict:
         return self.verdicts([text], direction)[0]

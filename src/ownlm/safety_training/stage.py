@@ -25,7 +25,9 @@ prompts are 10-30 tokens, jailbreaks hundreds), and the loop is short.
 
 Thresholds are calibrated on the validation split with the classifier as it is served on this
 machine (`quantize: auto`: bf16 or int8): `unsafe` (which decides `flagged`), the best-F1
-threshold among those that flag at most `max_false_block` of the harmless validation prompts;
+threshold among those that flag at most `max_false_block` of each kind of harmless validation
+prompt (ordinary, look-alike), and for replies its own (`output_thresholds`) that flags at most
+`max_false_reply` of the harmless validation replies;
 each category, the threshold that maximises its F1 within [0.2, 0.95] (0.5 without validation
 positives), and the `refusal` head's on the validation replies. The manifest holds per-category
 P/R/F1 on the test split, the block rates `bench/safety.py` reports, and the refusal head against
@@ -129,6 +131,11 @@ class SafetyTrainConfig(StrictModel):
         lt=1,
         description="Most of each kind of harmless validation text (ordinary prompts, look-alikes, "
         "replies) the `unsafe` threshold may flag.",
+    )
+    # A stream is checked once per window (16 tokens by default), so a reply of n tokens has about
+    # n / 16 chances of a false stop: replies get a budget of their own, smaller than prompts'.
+    max_false_reply: float = Field(
+        0.01, gt=0, lt=1, description="Most harmless validation replies the replies' threshold may flag."
     )
     threads: int | None = Field(None, ge=1, description="torch threads while training (default: all cores).")
     precision: Literal["auto", "bf16", "none"] = Field(
@@ -479,21 +486,29 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
         th[REFUSAL] = best_threshold(
             [val_scores[i][REFUSAL] for i in replies], [REFUSAL in val[i].labels for i in replies]
         )
-        th[UNSAFE] = unsafe_threshold(
-            [s[UNSAFE] for s in val_scores],
-            [hazardous(e.labels) for e in val],
-            # Noise is left out: easy, and no user's traffic.
-            [f"{e.kind}/{e.direction}" if not e.labels and e.kind != "noise" else None for e in val],
-            cfg.max_false_block,
-        )
+        for direction, budget in (("input", cfg.max_false_block), ("output", cfg.max_false_reply)):
+            rows = [i for i, e in enumerate(val) if e.direction == direction]
+            t = unsafe_threshold(
+                [val_scores[i][UNSAFE] for i in rows],
+                [hazardous(val[i].labels) for i in rows],
+                # Noise is left out: easy, and no user's traffic.
+                [f"{val[i].kind}" if not val[i].labels and val[i].kind != "noise" else None for i in rows],
+                budget,
+            )
+            if direction == "input":
+                th[UNSAFE] = t
+            else:
+                meta["output_thresholds"] = {UNSAFE: t}
         meta["thresholds"] = th
         write_json_atomic(w.tmp / CLASSIFIER_FILE, meta)
-        clf.thresholds = meta["thresholds"]
+        clf.thresholds, clf.output_thresholds = meta["thresholds"], meta["output_thresholds"]
         test_scores = _flags(clf, by_split["test"])
-        flagged = [set(clf.decide(s)) for s in test_scores]
+        test = by_split["test"]
+        flagged = [set(clf.decide(s, e.direction)) for s, e in zip(test_scores, test, strict=True)]
         w.metrics["test"] = held_out_report(by_split["test"], flagged, list(CATEGORIES))
         w.metrics["test"]["refusal_judge"] = refusal_report(by_split["test"], test_scores, th[REFUSAL])
         w.metrics["thresholds"] = meta["thresholds"]
+        w.metrics["output_thresholds"] = meta["output_thresholds"]
         w.metrics["calibrated_precision"] = clf.precision
         w.metrics["texts"] = {k: len(v) for k, v in by_split.items()}
         w.metrics["train_sources"] = dict(sorted(Counter(e.source for e in by_split["train"]).items()))
