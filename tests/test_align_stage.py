@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +227,28 @@ def test_missing_sft_artifact_is_a_clear_error(recipe):
     bad = recipe.model_copy(update={"align": recipe.align.model_copy(update={"policy": "sft"})})
     with pytest.raises(OwnlmError, match="sft"):
         run_align(bad, method="dpo")
+
+
+def test_the_alignment_bench_scores_sft_and_cai_with_both_judges(recipe, safety_classifier):
+    import sys
+
+    from ownlm.align.cai import run_cai
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        from alignment import bench_cai
+    finally:
+        sys.path.remove(bench)  # bench/safety.py must not shadow anything later
+
+    cai = recipe.align.cai.model_copy(update={"classifier": str(safety_classifier)})
+    r = recipe.model_copy(update={"align": recipe.align.model_copy(update={"cai": cai})})
+    run_cai(r, r.align, _policy(r))
+    if not (r.run_dir / "sft").exists():  # the bench compares the run's sft/ with its align/
+        shutil.copytree(_policy(r), r.run_dir / "sft")
+    out = bench_cai(r, limit=3)
+    for name in ("smol-sft", "smol-cai"):
+        m = out[name]
+        assert m["n_harmful"] == 3 and m["n_tasks"] == 3 and 0 <= m["exact_match"] <= 1
+        for key in ("classifier_refusal_rate", "classifier_over_refusal_rate", "classifier_safe_reply_rate"):
+            assert 0 <= m[key] <= 1
