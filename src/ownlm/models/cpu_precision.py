@@ -5,18 +5,21 @@ compression stage builds on it).
   (AMX or AVX512-BF16; oneDNN runs bf16 matmuls on them). all-MiniLM-L6-v2 on one thread of this
   machine's AMX core: 20 ms for 16 prompts of 32 tokens against 39 ms in int8 and 73 ms in fp32,
   scores within 0.005 of fp32, and each row's result independent of what it is batched with.
-- `int8`: dynamic int8 quantization of the Linear layers, for CPUs without native bf16. It is
-  fastest for one short text (3.4 ms against bf16's 4.9 ms for 16 tokens), but its activation
-  scale is one per tensor: a text's scores move with what shares its batch and away from fp32's.
-  On an AVX2 core (`bench/classifier_precision.py`, 400 prompts, stop 28): p50 15.2 ms against
-  fp32's 29.2 (bf16, emulated there, 64.7), scores up to 0.48 from fp32's alone and 0.81 between
-  alone and batched, 4% of verdicts different from fp32's; so the safety classifier scores int8
-  rows one per pass, and its thresholds are calibrated in the precision it serves in. Keeping
-  the FFN output or attention layers in fp32 cut the drift only to 0.06-0.27, at 19-25 ms (by
-  hand). `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao, but on the
-  AMX CPU it ran MiniLM ~4x faster than fp32 on one thread where torchao's int8 dynamic path
-  gained ~1.4x on a small LM (DATA_SOURCES.md).
-- `auto`: bf16 where the CPU has it natively, else int8. `none`: fp32.
+- `int8`: int8 weights (one scale per output channel) times int8 activations (one scale per
+  row, computed as it runs), accumulated in int32 by `torch._int_mm`: `RowInt8Linear`. A row's
+  result never depends on the other rows of its pass, so checks batch. It replaced
+  `torch.ao.quantization.quantize_dynamic` (deprecated; one activation scale per tensor): on an
+  AVX2 core that one's scores moved up to 0.81 between a text alone and batched and 0.48 from
+  fp32's (stop 28), so int8 rows had to go one per pass. On a Zen 4 core (the tiny recipe's
+  3-layer student, `bench/classifier_precision.py`, stop 29): p50 4.0 ms against 3.0 for
+  `quantize_dynamic` and 5.0 for bf16, 1.07 ms a prompt in passes of 16 against 2.89 for bf16
+  (`quantize_dynamic`, one per pass: 2.53), largest drift from fp32 0.096 against 0.34, verdicts
+  as fp32's 99% against 97.5%; calibrated in it, Do-Not-Answer held-out blocks 0.624 against
+  bf16's 0.617 and `quantize_dynamic`'s 0.482 at the same false-block budgets. torchao's int8
+  dynamic-activation config quantizes per token too, but is not installed here and was slower on
+  CPU than `quantize_dynamic` (ao #4365); these ~25 lines on one torch op are measured above.
+- `auto`: bf16 where the CPU has AMX, else int8 (on Zen 4, AVX512-BF16 without AMX, int8 is the
+  faster: above). `none`: fp32.
 
 The AMX figures are from a session's measurement by hand (issue 15, stop 27);
 `bench/classifier_precision.py` measures all three on the machine it runs on, and
@@ -26,7 +29,6 @@ The AMX figures are from a session's measurement by hand (issue 15, stop 27);
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -37,36 +39,81 @@ if TYPE_CHECKING:
 Precision = Literal["auto", "bf16", "int8", "none"]
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls in hardware (private torch probes; False if gone)."""
+def amx() -> bool:
+    """Whether this CPU has AMX tiles (a private torch probe; False if gone)."""
     import torch
 
     try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AMX or AVX512-BF16): where training's
+    bf16 autocast pays (private torch probes; False if gone)."""
+    import torch
+
+    try:
+        return amx() or bool(torch.cpu._is_avx512_bf16_supported())
     except AttributeError:
         return False
 
 
 def resolve(precision: Precision) -> Literal["bf16", "int8", "none"]:
+    """The inference precision `auto` means here: bf16 with AMX, else int8 (see the module)."""
     if precision == "auto":
-        return "bf16" if native_bf16() else "int8"
+        return "bf16" if amx() else "int8"
     return precision
 
 
-def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose Linear layers compute in int8 with dynamic activation scales."""
+def _int8_linear_class():
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the torch.ao deprecation notice, once per process
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    class RowInt8Linear(torch.nn.Module):
+        """int8 x int8 -> int32 (`torch._int_mm`) with one scale per weight row and one per
+        activation row, so a row's result never depends on the other rows of its batch."""
+
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            w = linear.weight.detach().float()
+            scale = w.abs().amax(1).clamp(min=1e-8) / 127
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.register_buffer("w", q.t().contiguous())  # [in, out], as _int_mm takes it
+            self.register_buffer("w_scale", scale)
+            self.register_buffer("b", None if linear.bias is None else linear.bias.detach().float())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).float()
+            s = x2.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+            q = (x2 / s).round_().clamp_(-127, 127).to(torch.int8)
+            y = torch._int_mm(q, self.w).float().mul_(s).mul_(self.w_scale)
+            if self.b is not None:
+                y.add_(self.b)
+            return y.reshape(*shape[:-1], y.shape[-1])
+
+    return RowInt8Linear
+
+
+def row_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose Linear layers compute in int8 (`RowInt8Linear`)."""
+    import torch
+
+    cls = _int8_linear_class()
+    out = copy.deepcopy(model)
+    for mod in list(out.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(mod, child_name, cls(child))
+    return out
 
 
 def for_cpu_inference(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     """`model` (left untouched) in the chosen precision, for inference on this CPU."""
     p = resolve(precision)
     if p == "int8":
-        return dynamic_int8(model)
+        return row_int8(model)
     if p == "bf16":
         import torch
 

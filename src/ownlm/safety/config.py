@@ -45,7 +45,7 @@ class RulesConfig(StrictModel):
 class ClassifierConfig(StrictModel):
     path: str = Field(description="A safety classifier directory (the `safety` stage's artifact).")
     quantize: Precision = Field(
-        "auto", description="CPU precision: auto (bf16 where native, else int8), bf16, int8, none (fp32)."
+        "auto", description="CPU precision: auto (bf16 with AMX, else int8), bf16, int8, none (fp32)."
     )
     threads: int | None = Field(1, ge=1, description="torch threads for it (None: leave torch's).")
     max_windows: int = Field(4, ge=1, le=64, description="Windows scored over a long text.")
