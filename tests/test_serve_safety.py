@@ -305,6 +305,8 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
     texts = [HARMFUL, "What is the capital of France?", "kill the stuck build job", "x " * 400] * 4
     dirs = ["input", "output"] * 8
     alone = [clf.score_items([(t, d)])[0] for t, d in zip(texts, dirs, strict=True)]
+    # Prompts flagged whatever they say, replies never: a check judged in the wrong direction shows.
+    clf.thresholds, clf.output_thresholds = {**clf.thresholds, UNSAFE: 0.0}, {UNSAFE: 1.01}
     batcher = ClassifierBatcher(clf, max_batch=8)
 
     async def main():
@@ -314,10 +316,9 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
     assert batcher.checks == 16 and batcher.passes < 16  # all 16 arrived while the first pass ran
     for v, s, d in zip(got, alone, dirs, strict=True):
         assert v.level == "classifier" and v.scores.keys() == s.keys()
-        # In bf16 a row's scores hardly depend on its batch (~1e-4 from kernel choices by shape;
-        # int8's per-tensor activation scales moved them by up to 0.15).
+        # In bf16 a row's scores hardly depend on its batch (~1e-4 from kernel choices by shape).
         assert max(abs(v.scores[k] - s[k]) for k in s) < 2e-3
-        assert v.flagged == bool(clf.decide(s, d))
+        assert v.flagged == bool(clf.decide(s, d)) == (d == "input")
 
     def broken(items, new_from=None):
         raise RuntimeError("out of memory")

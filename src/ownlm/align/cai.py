@@ -499,7 +499,14 @@ def _sl_data(
             trails.append(
                 critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples, answer)
             )
-        history = least_harmful_trails(trails, harm_fn or _phrase_harm)
+        judge = harm_fn or _phrase_harm
+
+        def usable_harm(texts: list[str]) -> list[float]:  # an empty or copied final never wins
+            scores = judge(texts)
+            bad = [not t.strip() or copies_an_example(t, examples) for t in texts]
+            return [math.inf if b else x for x, b in zip(scores, bad, strict=True)]
+
+        history = least_harmful_trails(trails, usable_harm)
         answers = functools.partial(generate_replies, model, tok, seed=config["seed"], **kw)(_user(helpful))
         plain = [
             {"prompt": p, "initial": a, "rounds": [], "final": a}

@@ -53,7 +53,7 @@ from ownlm.core.artifacts import is_up_to_date, sha256_file, sha256_tree, stage_
 from ownlm.core.config import StrictModel
 from ownlm.core.errors import OwnlmError
 from ownlm.core.progress import bar, console
-from ownlm.models.cpu_precision import resolve
+from ownlm.models.cpu_precision import native_bf16
 from ownlm.safety.categories import CATEGORIES
 from ownlm.safety.classifier import (
     CLASSIFIER_FILE,
@@ -129,8 +129,8 @@ class SafetyTrainConfig(StrictModel):
         0.05,
         gt=0,
         lt=1,
-        description="Most of each kind of harmless validation text (ordinary prompts, look-alikes, "
-        "replies) the `unsafe` threshold may flag.",
+        description="Most of each kind of harmless validation prompt (ordinary, look-alike) the "
+        "`unsafe` threshold may flag.",
     )
     # A stream is checked once per window (16 tokens by default), so a reply of n tokens has about
     # n / 16 chances of a false stop: replies get a budget of their own, smaller than prompts'.
@@ -348,6 +348,9 @@ def _train(
             model.classifier.bias.copy_(torch.log(prior / (1 - prior)))
 
     layers = model.bert.encoder.layer
+    if d is not None:  # a student trains whole (its teacher's frozen layers come with the copy)
+        for p in model.parameters():
+            p.requires_grad_(True)
     if not cfg.train_embeddings:
         model.bert.embeddings.word_embeddings.weight.requires_grad = False
     if cfg.train_layers != "all" and d is None:
@@ -367,7 +370,7 @@ def _train(
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, round(per_epoch * epochs))
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_fraction * total), total)
-    bf16 = resolve(cfg.precision) == "bf16"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
     model.train()
     step, t0, batches = 0, time.time(), []
     with bar("safety student" if d else "safety classifier", total, "loss") as progress, log.open("w") as f:
@@ -413,6 +416,12 @@ def _flags(clf: SafetyClassifier, examples: list[Example], batch: int = 64) -> l
 
 def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, force: bool = False) -> Path:
     base = base_model_dir(cfg.base)
+    teacher_layers = cfg.layers or json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    if cfg.distill and cfg.distill.layers >= teacher_layers:
+        raise OwnlmError(
+            f"safety.distill.layers {cfg.distill.layers}: the student must have fewer layers than "
+            f"the teacher's {teacher_layers}"
+        )
     config = {"safety": cfg.model_dump(), "seed": seed}
     inputs = {"base": sha256_tree(base), "templates": sha256_file(TEMPLATES)}
     if not force and is_up_to_date(out, config, inputs):
@@ -497,18 +506,18 @@ def train_safety_classifier(cfg: SafetyTrainConfig, out: Path, *, seed: int, for
             )
             if direction == "input":
                 th[UNSAFE] = t
-            else:
-                meta["output_thresholds"] = {UNSAFE: t}
+            elif any(not val[i].labels and val[i].kind != "noise" for i in rows):
+                meta["output_thresholds"] = {UNSAFE: t}  # without harmless replies: the prompts' one
         meta["thresholds"] = th
         write_json_atomic(w.tmp / CLASSIFIER_FILE, meta)
-        clf.thresholds, clf.output_thresholds = meta["thresholds"], meta["output_thresholds"]
+        clf.thresholds, clf.output_thresholds = meta["thresholds"], meta.get("output_thresholds", {})
         test_scores = _flags(clf, by_split["test"])
         test = by_split["test"]
         flagged = [set(clf.decide(s, e.direction)) for s, e in zip(test_scores, test, strict=True)]
         w.metrics["test"] = held_out_report(by_split["test"], flagged, list(CATEGORIES))
         w.metrics["test"]["refusal_judge"] = refusal_report(by_split["test"], test_scores, th[REFUSAL])
         w.metrics["thresholds"] = meta["thresholds"]
-        w.metrics["output_thresholds"] = meta["output_thresholds"]
+        w.metrics["output_thresholds"] = meta.get("output_thresholds", {})
         w.metrics["calibrated_precision"] = clf.precision
         w.metrics["texts"] = {k: len(v) for k, v in by_split.items()}
         w.metrics["train_sources"] = dict(sorted(Counter(e.source for e in by_split["train"]).items()))
