@@ -199,9 +199,10 @@ def unsafe_threshold(
 ) -> float:
     """The `unsafe` threshold with the best F1 on validation among those that flag at most
     `target` of each kind of harmless validation text (`harmless[i]`: text i's kind, None for
-    the rest). Per kind, not pooled: easy harmless text (minimal pairs' look-alikes) let a pooled
-    5% fall on the hard kinds, and the threshold dropped from 0.952 to 0.914 while held-out
-    replies were falsely flagged 0.064 instead of 0.024 (stop 29)."""
+    the rest). Per kind, not pooled: in a pool the many easy texts of one kind hide the hard
+    ones of another. With the minimal pairs added, the pooled threshold fell from 0.952 to 0.914
+    and held-out replies were falsely flagged 0.064 instead of 0.024 (stop 29). The pairs' own
+    look-alikes are of kind `lookalike`, pooled with the older ones."""
     floor = 0.0  # a threshold above it flags at most `target` of every kind
     for kind in sorted({h for h in harmless if h is not None}):
         neg = sorted((s for s, h in zip(scores, harmless, strict=True) if h == kind), reverse=True)
