@@ -14,10 +14,11 @@ compression stage builds on it).
   fp32's (stop 28), so int8 rows had to go one per pass. On a Zen 4 core (the tiny recipe's
   3-layer student, `bench/classifier_precision.py`, stop 29): p50 4.0 ms against 3.0 for
   `quantize_dynamic` and 5.0 for bf16, 2.65 ms a prompt in the bench's passes of 16 against
-  2.82 for bf16 (1.07 against 2.89 with rows sorted by length, as the batcher scores them, by
-  hand; `quantize_dynamic`, one per pass: 2.53), largest drift from fp32 0.07 against 0.34, verdicts
-  as fp32's 99% against 97.5%; calibrated in it, Do-Not-Answer held-out blocks 0.624 against
-  bf16's 0.617 and `quantize_dynamic`'s 0.482 at the same false-block budgets. torchao's int8
+  2.82 for bf16 (`quantize_dynamic`, one per pass: 2.53), largest drift from fp32 0.07 against
+  0.34, verdicts as fp32's 99% against 97.5%. Calibrated in it, the student blocks 0.610 of
+  held-out Do-Not-Answer hazards (`ownlm safety train`'s manifest, `test.harmful_block_rate`);
+  calibrated in `quantize_dynamic` the same recipe blocked 0.48 (stop 29, before the switch, not
+  reproducible now that it is gone). torchao's int8
   dynamic-activation config quantizes per token too, but is not installed here and was slower on
   CPU than `quantize_dynamic` (ao #4365); these ~25 lines on one torch op are measured above.
 - `auto`: bf16 where the CPU has AMX, else int8 (on Zen 4, AVX512-BF16 without AMX, int8 is the
