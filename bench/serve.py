@@ -381,13 +381,13 @@ KEPT_UP_RULE = (
 )
 
 
-def kept_up(m: dict) -> bool:
+def kept_up(m: dict, errors_ok: bool = False) -> bool:
     """A fixed-rate scenario the server kept up with (KEPT_UP_RULE). Measured: SmolLM2 on ownlm at 8
     req/s offered completed 60 requests at 4.2 req/s overall but 14.4 req/s from its first to its
     last completion."""
     keys = ("sustained_req_per_s", "offered_req_per_s", "req_per_s")
     sustained, offered, overall = (m.get(k) for k in keys)
-    if not (sustained and offered and overall) or m.get("errors") != 0:
+    if not (sustained and offered and overall) or (m.get("errors") != 0 and not errors_ok):
         return False
     return sustained >= 0.97 * offered and overall >= 0.9 * offered
 
@@ -626,6 +626,12 @@ def main() -> None:
         key = "output_tokens_per_s ownlm@concurrency32/hf-generate@batch1"
         if ratios.get(key) is not None:
             checks["concurrency-32 tokens/s >= 3x hf-generate batch 1"] = ratios[key] >= 3
+    if safe and headline in results.get("ownlm-safety", {}):
+        # Issue 15's goals for content safety on prompts and streamed replies. Replies the check
+        # stops short count as errors (on random weights a few read as harmful), not as falling behind.
+        added = ratios.get(f"ttft_p99_ms added by safety at {headline}")
+        checks["safety: keeps up"] = kept_up(results["ownlm-safety"][headline], errors_ok=True)
+        checks["safety: ttft_p99_ms added <= 20"] = added is not None and added <= 20
 
     import torch
 

@@ -47,11 +47,19 @@ def test_dedup_bench():
     assert r["systems"]["ownlm-minhash-dask"]["same_clusters_as_ownlm_minhash"]
 
 
-def test_serve_bench():
-    r = _run("serve.py", "--requests", "12", "--hf-requests", "6", "--rates", "20", "--concurrency", "1", "4")
-    check_shape(r, {"ownlm", "hf-generate", "vllm-cpu"})
+def test_serve_bench(safety_classifier, tmp_path):
+    cfg = tmp_path / "safety.yaml"  # a config of one's own (--safety-config) for the safety peer
+    cfg.write_text(f"classifier: {{path: {safety_classifier}, max_batch: 4}}\n", encoding="utf-8")
+    r = _run(
+        "serve.py", "--requests", "12", "--hf-requests", "6", "--rates", "20", "--concurrency", "1", "4",
+        "--peer", "hf", "safety", "--safety-config", str(cfg),
+    )  # fmt: skip
+    check_shape(r, {"ownlm", "hf-generate", "vllm-cpu", "ownlm-safety"})
     assert r["systems"]["ownlm"]["errors"] == 0 and r["systems"]["ownlm"]["output_tokens_per_s"] > 0
     assert r["systems"]["vllm-cpu"] is None and "vllm-cpu" in r["why"]  # not requested: says so
+    assert r["systems"]["ownlm-safety"]["output_tokens_per_s"] > 0
+    assert "max_batch: 4" in r["versions"]["ownlm-safety"]
+    assert {"safety: keeps up", "safety: ttft_p99_ms added <= 20"} <= set(r["checks"])
 
 
 def test_safety_bench(safety_classifier):

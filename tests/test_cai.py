@@ -14,6 +14,7 @@ from ownlm.align.cai import (
     load_constitution,
     load_examples,
     red_team_prompts,
+    refusals_first,
     sl_cai_records,
     split,
 )
@@ -258,3 +259,22 @@ def test_the_least_harmful_of_several_trails_is_kept():
     # Without a classifier the phrase judge decides: a refusal is the least harmful reply.
     assert least_harmful_trails(trails, _phrase_harm)[0]["final"] == "I can't help with that."
     assert least_harmful_trails(trails[:1], _phrase_harm) == trails[0]  # one trail: nothing judged
+
+
+def test_a_refusing_trail_is_kept_before_a_less_harmful_answer():
+    finals = ["Sure, step one is", "It depends.", "I cannot do that.", "Let us talk about safety instead."]
+    harm = {finals[0]: 0.9, finals[1]: 0.01, finals[2]: 0.3, finals[3]: 0.2}
+    head = {finals[0]: False, finals[1]: False, finals[2]: True, finals[3]: True}
+
+    def trail(f):
+        return [{"prompt": "q", "initial": "x", "rounds": [], "final": f}]
+
+    trails = [trail(f) for f in finals]
+    scores = lambda texts: [harm[t] for t in texts]  # noqa: E731
+    # By harm alone the vague non-answer wins; refusals first, the phrase judge's refusal wins
+    # (the last is not among its phrases: the refusal head alone calls it one).
+    assert least_harmful_trails(trails, scores)[0]["final"] == finals[1]
+    judge = refusals_first(scores, lambda texts: [head[t] for t in texts])
+    assert least_harmful_trails(trails, judge)[0]["final"] == finals[2]
+    assert least_harmful_trails([trails[0], trails[1], trails[3]], judge)[0]["final"] == finals[3]
+    assert least_harmful_trails(trails[:2], refusals_first(scores))[0]["final"] == finals[1]

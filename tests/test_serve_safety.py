@@ -4,9 +4,11 @@ tiny model, a tiny trained safety classifier, a second server as the external mo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shutil
+import threading
 import time
 
 import httpx
@@ -334,6 +336,42 @@ def test_concurrent_checks_share_forward_passes_and_agree_with_one_by_one(safety
         asyncio.run(batcher.check("hello"))
 
 
+def test_a_prompt_waits_for_one_short_pass_of_replies_at_most(safety_classifier):
+    from ownlm.safety.batcher import ClassifierBatcher
+
+    clf = SafetyClassifier(safety_classifier, quantize="int8")
+    passes: list[list[str]] = []
+    score, inside, go_on = clf.score_items, threading.Event(), threading.Event()
+
+    def spy(items, new_from=None):
+        passes.append([d for _, d in items])
+        if len(passes) == 1:  # hold the first pass until a backlog of replies and a prompt wait
+            inside.set()
+            go_on.wait(10)
+        return score(items, new_from)
+
+    clf.score_items = spy
+    batcher = ClassifierBatcher(clf, max_batch=4)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.check("the first reply", "output"))
+        await asyncio.to_thread(inside.wait, 10)
+        backlog = [asyncio.ensure_future(batcher.check(f"reply number {i}", "output")) for i in range(10)]
+        await asyncio.sleep(0.05)  # every reply queued before the prompt
+        prompt = asyncio.ensure_future(batcher.check(HARMFUL, "input"))
+        await asyncio.sleep(0.05)
+        go_on.set()
+        return await asyncio.gather(prompt, first, *backlog)
+
+    [verdict, *_] = asyncio.run(main())
+    batcher.close()
+    assert verdict.level == "classifier" and set(verdict.scores) == set(clf.labels)
+    # The prompt is scored next, alone (a first token waits for its pass), and replies go at
+    # most max_batch to a pass, so a prompt never waits behind a long one.
+    assert passes[:2] == [["output"], ["input"]]
+    assert all(len(p) <= 4 for p in passes) and sum(map(len, passes)) == 12
+
+
 def test_int8_scores_do_not_depend_on_what_shares_the_pass(safety_classifier):
     clf = SafetyClassifier(safety_classifier, quantize="int8")
     texts = [HARMFUL, "What is the capital of France?", "kill the stuck build job", "x " * 400, "ok"]
@@ -345,6 +383,18 @@ def test_int8_scores_do_not_depend_on_what_shares_the_pass(safety_classifier):
     # What is left is fp32 rounding elsewhere in the model crossing an int8 step (5e-4 seen here;
     # bench/classifier_precision.py's max_batch_drift 0.013 over 400 prompts).
     assert max(abs(a[k] - b[k]) for a, b in zip(alone, batched, strict=True) for k in a) < 0.02
+
+
+def test_a_long_text_is_read_in_as_few_half_overlapping_windows_as_cover_it(safety_classifier):
+    clf = SafetyClassifier(safety_classifier, quantize="int8", max_windows=4)
+    room = 40
+    for n, expect in ((40, 1), (41, 2), (60, 2), (61, 3), (80, 3), (81, 4), (500, 4)):
+        ids = list(range(n))
+        ws = clf._windows(ids, room)
+        assert len(ws) == expect and all(len(w) == room for w in ws[1:] or ws)
+        assert ws[0][0] == 0 and ws[-1][-1] == n - 1  # from the start to the end
+        if expect < 4:  # consecutive windows share at least half a window: no stretch of room/2 is cut
+            assert all(b[0] - a[0] <= room // 2 for a, b in itertools.pairwise(ws))
 
 
 def test_a_stream_check_reads_its_new_text_whole_and_context_as_it_fits(safety_classifier):

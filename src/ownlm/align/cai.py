@@ -233,6 +233,27 @@ def least_harmful_trails(
     return out
 
 
+def refusals_first(
+    harm_fn: Callable[[list[str]], list[float]], refuses_fn: Callable[[list[str]], list[bool]] | None = None
+) -> Callable[[list[str]], list[float]]:
+    """A judge for best-of-n over replies to red-team prompts that ranks refusals first: a final
+    the phrase judge calls a refusal, then one only `refuses_fn` (the classifier's refusal head)
+    does, then the rest; within each, the least harmful by `harm_fn` (scores in [0, 1]).
+
+    Why: judged by the classifier's `unsafe` score alone, SL-CAI on SmolLM2 kept a refusal for
+    0.14 of 128 red-team prompts though 0.48 had one among their four trails (stop 30): the score
+    says whether a reply is harmful, not whether it declined, and a vague non-answer scores as low
+    as a refusal. Every held-out prompt of the bench is one a model should decline.
+    """
+
+    def judge(texts: list[str]) -> list[float]:
+        head = refuses_fn(texts) if refuses_fn else [False] * len(texts)
+        ranks = [0 if is_refusal(t) else 2 if h else 4 for t, h in zip(texts, head, strict=True)]
+        return [r + min(max(x, 0.0), 1.0) for r, x in zip(ranks, harm_fn(texts), strict=True)]
+
+    return judge
+
+
 def copies_an_example(text: str, examples: Sequence[CritiqueExample], threshold: float = 80.0) -> bool:
     """Whether a revision repeats one of the worked examples (a stretch of it, fuzzy partial match
     ≥ `threshold` of 100) instead of revising its own reply. A small model does this often (SmolLM2-135M:
@@ -484,7 +505,7 @@ def _sl_data(
         inputs["classifier"] = artifact_hash(clf_dir)
     if not force and is_up_to_date(out, config, inputs):
         return out
-    harm_fn = _classifier_judges(clf_dir)[0] if judged else None
+    harm_fn, _, refuses_fn = _classifier_judges(clf_dir) if judged else (None, None, None)
     model, tok = _load(policy)
     kw = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature)
     critic, critic_tok = (model, tok) if critic_dir == policy else _load(critic_dir)
@@ -500,6 +521,8 @@ def _sl_data(
                 critique_and_revise(generate, harmful, constitution, c.rounds, rng, examples, answer)
             )
         judge = harm_fn or _phrase_harm
+        if harm_fn is not None and c.revision_pick == "refusal":
+            judge = refusals_first(harm_fn, refuses_fn)
 
         def usable_harm(texts: list[str]) -> list[float]:  # an empty or copied final never wins
             scores = judge(texts)
@@ -556,12 +579,14 @@ def classifier_dir(c, run_dir: Path) -> Path | None:
 
 
 def _classifier_judges(clf_dir: Path):
-    """(harm_fn, refusal_fn) of a safety classifier (refusal_fn None without a refusal head)."""
+    """(harm_fn, refusal_fn, refuses_fn) of a safety classifier: the `unsafe` score of replies,
+    P(refusal) and the refusal head's calibrated verdicts (both None without a refusal head)."""
     from ownlm.safety.classifier import REFUSAL, UNSAFE, SafetyClassifier
 
     clf = SafetyClassifier(clf_dir, threads=None)
-    refusal = clf.refusal_scores if REFUSAL in clf.labels else None
-    return (lambda texts: [s[UNSAFE] for s in clf.scores(texts, "output")]), refusal
+    has_head = REFUSAL in clf.labels
+    harm = lambda texts: [s[UNSAFE] for s in clf.scores(texts, "output")]  # noqa: E731
+    return harm, clf.refusal_scores if has_head else None, clf.refuses if has_head else None
 
 
 def _rl_pairs(
@@ -597,7 +622,7 @@ def _rl_pairs(
     pairs = [(a, b) for _, a, b, _ in both]
     prior = None
     if clf_dir is not None:
-        harm_fn, refusal_fn = _classifier_judges(clf_dir)
+        harm_fn, refusal_fn, _ = _classifier_judges(clf_dir)
         prior = classifier_preferences(harm_fn, pairs, [h for *_, h in both], refusal_fn)
     labelled = ai_preference_labels(
         probs, [p for p, *_ in both], pairs, constitution, rng, prior, c.classifier_weight

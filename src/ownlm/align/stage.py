@@ -50,9 +50,15 @@ class CAIConfig(StrictModel):
     revision_samples: int = Field(
         1,
         ge=1,
-        description="Critique → revision trails sampled per harmful prompt; SL-CAI keeps the final "
-        "reply the safety classifier (see `classifier`) scores least harmful, else one the phrase "
+        description="Critique → revision trails sampled per harmful prompt; SL-CAI keeps one final "
+        "reply by `revision_pick` with the safety classifier (see `classifier`), else one the phrase "
         "judge calls a refusal.",
+    )
+    revision_pick: Literal["refusal", "harm"] = Field(
+        "refusal",
+        description="Which of the trails' finals SL-CAI keeps: refusal: a refusal (by the phrase "
+        "judge, then the classifier's refusal head) before any other reply, the least harmful "
+        "within each; harm: the least harmful by the classifier's unsafe score alone.",
     )
     feedback_model: str | None = Field(
         None,

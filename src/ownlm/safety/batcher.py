@@ -38,7 +38,7 @@ def _resolve(fut: asyncio.Future, result: Verdict | None, error: BaseException |
 
 
 class ClassifierBatcher:
-    def __init__(self, classifier: SafetyClassifier, max_batch: int = 32) -> None:
+    def __init__(self, classifier: SafetyClassifier, max_batch: int = 8) -> None:
         self.classifier, self.max_batch = classifier, max_batch
         self._waiting: dict[str, deque[_Job]] = {"input": deque(), "output": deque()}
         self._cv = threading.Condition()
@@ -71,11 +71,11 @@ class ClassifierBatcher:
                 self._cv.wait()
             if self._closed:
                 return None
-            jobs: list[_Job] = []
-            for q in (self._waiting["input"], self._waiting["output"]):
-                while q and len(jobs) < self.max_batch:
-                    jobs.append(q.popleft())
-            return jobs
+            # Prompts alone when any wait: a reply's rows would lengthen the pass a first token
+            # waits for. Replies at most `max_batch` a pass, so a prompt that arrives meanwhile
+            # waits for a short pass, not for a backlog of windows.
+            q = self._waiting["input"] or self._waiting["output"]
+            return [q.popleft() for _ in range(min(len(q), self.max_batch))]
 
     def _work(self) -> None:
         while (jobs := self._take()) is not None:

@@ -153,13 +153,15 @@ class SafetyClassifier:
         self._first: dict[str, list[int]] = {}
 
     def _windows(self, ids: list[int], room: int) -> list[list[int]]:
+        """Windows of `room` tokens over a longer text, the first at its start and the last at its
+        end, a stride of at most half a window apart (every stretch of room/2 tokens lies whole in
+        one), at most `max_windows` spread evenly. Always `max_windows` of them had read a text a
+        token past the room four times over: a check of bench/serve.py's prompts cost 4 rows."""
         if len(ids) <= room:
             return [ids]
-        starts = {0, len(ids) - room}
-        n = self.max_windows
-        for k in range(1, n - 1):
-            starts.add(round(k * (len(ids) - room) / (n - 1)))
-        return [ids[s : s + room] for s in sorted(starts)]
+        last = len(ids) - room
+        n = max(2, min(self.max_windows, -(-last // max(1, room // 2)) + 1))
+        return [ids[s : s + room] for s in sorted({round(k * last / (n - 1)) for k in range(n)})]
 
     def scores(self, texts: list[str], direction: str = "input") -> list[dict[str, float]]:
         """A score in [0, 1] per category for each text."""

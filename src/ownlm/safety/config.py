@@ -49,7 +49,9 @@ class ClassifierConfig(StrictModel):
     )
     threads: int | None = Field(1, ge=1, description="torch threads for it (None: leave torch's).")
     max_windows: int = Field(4, ge=1, le=64, description="Windows scored over a long text.")
-    max_batch: int = Field(32, ge=1, description="Most concurrent checks scored in one batch.")
+    max_batch: int = Field(
+        8, ge=1, description="Most checks scored in one pass (prompts never share a pass with replies)."
+    )
 
 
 class ExternalConfig(StrictModel):
