@@ -3,11 +3,15 @@
 A server checks every prompt and every window of every streamed reply: at 50 requests/s with 32
 output tokens and an 8-token window that is ~250 checks a second. One check at a time, each paid
 MiniLM's cost per pass (~5 ms on one core for a 32-token text in bf16), and the classifier's core
-could not keep up. Here one worker thread takes every check waiting when it becomes free,
-prompts first (they hold up a first token, a window only a stream's next tokens), and scores
-them together: sixteen 32-token texts cost 20 ms in one pass against 82 ms one by one
-(`ownlm.models.cpu_precision`). In every precision a text's scores hardly depend on what
-shares its pass (int8 scales each row apart; within ~0.01).
+could not keep up. Here one worker thread takes the checks waiting when it becomes free and
+scores them together: sixteen 32-token texts cost 20 ms in one pass against 82 ms one by one
+(`ownlm.models.cpu_precision`). A pass holds prompts alone while any wait (a prompt holds up a
+first token, a window only a stream's next tokens), else windows, at most `max_batch` (8) of
+either: with up to 32 checks of both kinds a pass, a prompt waited behind a long pass and then
+shared its own with windows (TTFT p50 at 50 req/s 114 ms with safety against 13 without, stop
+29); with prompts apart and 8 a pass, 43 ms (`bench/results/serve_safety.json`, stop 30). 4 or
+16 a pass did no better in 400-request runs by hand. In every precision a text's scores hardly
+depend on what shares its pass (int8 scales each row apart; within ~0.01).
 
 No library does this for an in-process encoder (vLLM and Triton batch on their servers; a
 `torch.utils.data` loader is for training), and it is ~60 lines on `threading` and asyncio
