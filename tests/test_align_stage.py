@@ -199,6 +199,7 @@ def test_cai_mechanics_on_a_tiny_model(recipe, safety_classifier):
     run_cai(fourth, fourth.align, _policy(recipe))
     sl = _manifest(root / "sl_data")
     assert sl["metrics"]["revision_judge"] == "classifier" and "classifier" in sl["inputs"]
+    assert sl["metrics"]["revision_pick"] == "refusal"
     critiques = [json.loads(x) for x in (root / "sl_data" / "critiques.jsonl").read_text().splitlines()]
     for c in critiques:
         cands = c["candidates"]

@@ -177,6 +177,9 @@ def declared_choices() -> set[tuple[str, str]]:
     covered |= {("safety.train_layers", "all")}  # the journey's safety stage
     covered |= {("safety.precision", "auto")}  # the journey's; bf16 and none: test_safety_data.py
     covered |= {("safety.precision", p) for p in ("bf16", "none")}
+    # refusal (the default): test_align_stage.py's best-of-n CAI run; harm: the plain harm judge
+    # of least_harmful_trails (test_cai.py).
+    covered |= {("align.cai.revision_pick", p) for p in ("refusal", "harm")}
     return covered
 
 

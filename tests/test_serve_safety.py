@@ -358,18 +358,19 @@ def test_a_prompt_waits_for_one_short_pass_of_replies_at_most(safety_classifier)
         await asyncio.to_thread(inside.wait, 10)
         backlog = [asyncio.ensure_future(batcher.check(f"reply number {i}", "output")) for i in range(10)]
         await asyncio.sleep(0.05)  # every reply queued before the prompt
-        prompt = asyncio.ensure_future(batcher.check(HARMFUL, "input"))
+        prompts = [asyncio.ensure_future(batcher.check(f"{HARMFUL} ({i})", "input")) for i in range(6)]
         await asyncio.sleep(0.05)
         go_on.set()
-        return await asyncio.gather(prompt, first, *backlog)
+        return await asyncio.gather(*prompts, first, *backlog)
 
     [verdict, *_] = asyncio.run(main())
     batcher.close()
     assert verdict.level == "classifier" and set(verdict.scores) == set(clf.labels)
-    # The prompt is scored next, alone (a first token waits for its pass), and replies go at
-    # most max_batch to a pass, so a prompt never waits behind a long one.
-    assert passes[:2] == [["output"], ["input"]]
-    assert all(len(p) <= 4 for p in passes) and sum(map(len, passes)) == 12
+    # Prompts are scored next, alone (a first token waits for their pass), and replies go at
+    # most max_batch to a pass, so a prompt never waits behind a long one; passes alternate
+    # while both wait, so prompts cannot hold replies back.
+    assert passes[:4] == [["output"], ["input"] * 4, ["output"] * 4, ["input"] * 2]
+    assert all(len(p) <= 4 for p in passes) and sum(map(len, passes)) == 17
 
 
 def test_int8_scores_do_not_depend_on_what_shares_the_pass(safety_classifier):

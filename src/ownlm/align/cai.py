@@ -554,6 +554,7 @@ def _sl_data(
             "refusal_rate_kept": refusal_rate([h["final"] for h in kept]),
             "revision_samples": c.revision_samples,
             "revision_judge": "classifier" if harm_fn else "phrase",
+            "revision_pick": c.revision_pick if harm_fn else "refusal",
             # The share of prompts with a refusal among their trails' finals (what best-of-n can reach).
             "refusal_rate_any_trail": _mean(
                 [any(is_refusal(t[i]["final"]) for t in trails) for i in range(len(harmful))]

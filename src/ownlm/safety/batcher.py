@@ -6,12 +6,13 @@ MiniLM's cost per pass (~5 ms on one core for a 32-token text in bf16), and the 
 could not keep up. Here one worker thread takes the checks waiting when it becomes free and
 scores them together: sixteen 32-token texts cost 20 ms in one pass against 82 ms one by one
 (`ownlm.models.cpu_precision`). A pass holds prompts alone while any wait (a prompt holds up a
-first token, a window only a stream's next tokens), else windows, at most `max_batch` (8) of
-either: with up to 32 checks of both kinds a pass, a prompt waited behind a long pass and then
-shared its own with windows (TTFT p50 at 50 req/s 114 ms with safety against 13 without, stop
-29); with prompts apart and 8 a pass, 43 ms (`bench/results/serve_safety.json`, stop 30). 4 or
-16 a pass did no better in 400-request runs by hand. In every precision a text's scores hardly
-depend on what shares its pass (int8 scales each row apart; within ~0.01).
+first token, a window only a stream's next tokens; windows get every other pass while both
+wait), else windows, at most `max_batch` (8) of either: with up to 32 checks of both kinds a
+pass, a prompt waited behind a long pass and then shared its own with windows (TTFT p50 at 50
+req/s 114 ms with safety against 13 without, stop 29); with prompts apart and 8 a pass, 43 ms
+(`bench/results/serve_safety.json`, stop 30). 4 or 16 a pass did no better in 400-request runs
+by hand. In every precision a text's scores hardly depend on what shares its pass (int8 scales
+each row apart; within ~0.01).
 
 No library does this for an in-process encoder (vLLM and Triton batch on their servers; a
 `torch.utils.data` loader is for training), and it is ~60 lines on `threading` and asyncio
@@ -48,6 +49,7 @@ class ClassifierBatcher:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._last = "output"  # the direction of the last pass
         self.passes = 0  # batches scored (tests read them)
         self.checks = 0
 
@@ -77,8 +79,12 @@ class ClassifierBatcher:
                 return None
             # Prompts alone when any wait: a reply's rows would lengthen the pass a first token
             # waits for. Replies at most `max_batch` a pass, so a prompt that arrives meanwhile
-            # waits for a short pass, not for a backlog of windows.
-            q = self._waiting["input"] or self._waiting["output"]
+            # waits for a short pass, not for a backlog of windows; and a pass of replies after
+            # each pass of prompts while replies wait, so a steady flow of prompts cannot stall
+            # the streams they let through.
+            prompts, replies = self._waiting["input"], self._waiting["output"]
+            q = prompts if prompts and (self._last != "input" or not replies) else replies
+            self._last = "input" if q is prompts else "output"
             return [q.popleft() for _ in range(min(len(q), self.max_batch))]
 
     def _work(self) -> None:
