@@ -9,10 +9,11 @@ scores them together: sixteen 32-token texts cost 20 ms in one pass against 82 m
 first token, a window only a stream's next tokens; windows get every other pass while both
 wait), else windows, at most `max_batch` (8) of either: with up to 32 checks of both kinds a
 pass, a prompt waited behind a long pass and then shared its own with windows (TTFT p50 at 50
-req/s 114 ms with safety against 13 without, stop 29); with prompts apart and 8 a pass, 43 ms
-(`bench/results/serve_safety.json`, stop 30). 4 or 16 a pass did no better in 400-request runs
-by hand. In every precision a text's scores hardly depend on what shares its pass (int8 scales
-each row apart; within ~0.01).
+req/s 114 ms with safety against 13 without, stop 29); with prompts apart and 8 a pass, 43 ms,
+and 50 ms once windows also got every other pass (`bench/results/serve_safety.json`, stop 30;
+the server is at the edge of 2 cores there, 46-48 req/s). 4 or 16 a pass did no better in
+400-request runs by hand. In every precision a text's scores hardly depend on what shares its
+pass (int8 scales each row apart; within ~0.01).
 
 No library does this for an in-process encoder (vLLM and Triton batch on their servers; a
 `torch.utils.data` loader is for training), and it is ~60 lines on `threading` and asyncio
