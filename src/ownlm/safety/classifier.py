@@ -155,8 +155,8 @@ class SafetyClassifier:
     def _windows(self, ids: list[int], room: int) -> list[list[int]]:
         """Windows of `room` tokens over a longer text, the first at its start and the last at its
         end, a stride of at most half a window apart (every stretch of room/2 tokens lies whole in
-        one), at most `max_windows` spread evenly. Always `max_windows` of them had read a text a
-        token past the room four times over: a check of bench/serve.py's prompts cost 4 rows."""
+        one), at most `max_windows` spread evenly. Until stop 30 there were always `max_windows`
+        of them, so a text one token past the room was read four times over."""
         if len(ids) <= room:
             return [ids]
         last = len(ids) - room
