@@ -191,38 +191,66 @@ class Proc:
         self.log.close()
 
 
-class RSSPeak:
-    """Peak RSS (MB) of a process and its children, sampled in a thread."""
+class ServerUsage:
+    """Peak RSS (MB) of a process and its children, sampled in a thread, and the CPU they used
+    (cores: CPU seconds over wall seconds) by process and by thread: beside the load generator's
+    share, it shows whether a 2-core machine ran out of cores, and which thread took them."""
 
     def __init__(self, pid: int):
         import psutil
 
         self.proc = psutil.Process(pid)
         self.peak = 0
+        self.cpu_share = 0.0
+        self.process_cpu_shares: list[float] = []  # the server's own process first
+        self.thread_cpu_shares: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self) -> list:
+        return [self.proc, *self.proc.children(recursive=True)]
 
     def _sample(self) -> None:
         import psutil
 
-        try:
-            procs = [self.proc, *self.proc.children(recursive=True)]
-            self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error):
+            self.peak = max(self.peak, sum(p.memory_info().rss for p in self._tree()))
+
+    def _cpu(self) -> tuple[dict[int, float], dict[tuple[int, int], float]]:
+        """CPU seconds by process and by thread, over the tree."""
+        import psutil
+
+        procs, threads = {}, {}
+        for p in self._tree():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                procs[p.pid] = t.user + t.system
+                threads |= {(p.pid, x.id): x.user_time + x.system_time for x in p.threads()}
+        return procs, threads
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             self._sample()
 
-    def __enter__(self) -> "RSSPeak":
+    def __enter__(self) -> "ServerUsage":
         self._sample()
+        self._cpu0, self._wall0 = self._cpu(), time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        wall = time.perf_counter() - self._wall0
+        (procs0, threads0), (procs1, threads1) = self._cpu0, self._cpu()
+
+        def shares(before: dict, after: dict) -> list[float]:
+            used = [(t - before.get(k, 0.0)) / wall for k, t in after.items()]
+            return sorted((round(u, 3) for u in used if u >= 0.01), reverse=True)
+
+        self.process_cpu_shares = [round((procs1[p] - procs0.get(p, 0.0)) / wall, 3) for p in procs1]
+        self.cpu_share = sum(self.process_cpu_shares)
+        self.thread_cpu_shares = shares(threads0, threads1)
 
     @property
     def mb(self) -> float:
@@ -336,7 +364,7 @@ def pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q))
 
 
-def summarise(raw: dict, rate, conc, peak_mb: float) -> dict:
+def summarise(raw: dict, rate, conc, usage: ServerUsage) -> dict:
     ok = [r for r in raw["results"] if r["ok"]]
     errors = [r["error"] for r in raw["results"] if not r["ok"]]
     m: dict = {"offered_req_per_s": rate, "concurrency": conc, "requests": len(raw["results"])}
@@ -370,8 +398,11 @@ def summarise(raw: dict, rate, conc, peak_mb: float) -> dict:
     m["errors"] = len(errors)
     if errors:
         m["first_error"] = errors[0]
-    m["peak_rss_mb"] = peak_mb
+    m["peak_rss_mb"] = usage.mb
     m["loadgen_cpu_share"] = raw["loadgen_cpu"]
+    m["server_cpu_share"] = usage.cpu_share
+    m["server_process_cpu_shares"] = usage.process_cpu_shares
+    m["server_thread_cpu_shares"] = usage.thread_cpu_shares
     return m
 
 
@@ -554,11 +585,11 @@ def main() -> None:
                 kw = {"rate": value} if kind == "rate" else {"conc": int(value)}
                 srv.resume()
                 arun(run_scenario(srv.url, "bench", prompts(4), args.output_len, conc=2))  # wake up
-                with RSSPeak(srv.proc.pid) as rss:
+                with ServerUsage(srv.proc.pid) as usage:
                     raw = arun(run_scenario(srv.url, "bench", prompts(n), args.output_len, **kw))
                 srv.pause()
                 key = f"rate={value:g}" if kind == "rate" else f"concurrency={int(value)}"
-                results[name][key] = summarise(raw, kw.get("rate"), kw.get("conc"), rss.mb)
+                results[name][key] = summarise(raw, kw.get("rate"), kw.get("conc"), usage)
                 print(f"{name} {key}: {json.dumps(results[name][key])}", file=sys.stderr)
     finally:
         for srv in servers.values():
@@ -654,7 +685,9 @@ def main() -> None:
             f"hits) / exactly {args.output_len} out (ignore_eos, greedy), streaming /v1/completions; "
             f"{args.requests} requests per scenario ({args.hf_requests} for hf-generate, batch 1), after a "
             "warm-up; each server runs with the given torch threads on the same machine as this load "
-            "generator (its CPU share is loadgen_cpu_share). req_per_s is vLLM's definition (completed / "
+            "generator (its CPU share is loadgen_cpu_share; the server's is server_cpu_share, cores "
+            "summed over its process tree; by process, its own first, in server_process_cpu_shares; its "
+            "busiest threads in server_thread_cpu_shares). req_per_s is vLLM's definition (completed / "
             "first send to last completion, so at a fixed offered rate it ends below the rate by the "
             "tail); sustained_req_per_s is the completion rate from the first completion to the last (the "
             "server keeps up when it matches the offered rate). Poisson gaps are rescaled so the realised "
