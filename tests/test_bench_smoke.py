@@ -60,6 +60,10 @@ def test_serve_bench(safety_classifier, tmp_path):
     assert r["systems"]["ownlm-safety"]["output_tokens_per_s"] > 0
     assert "max_batch: 4" in r["versions"]["ownlm-safety"]
     assert {"safety: keeps up", "safety: ttft_p99_ms added <= 20"} <= set(r["checks"])
+    busy = r["systems"]["ownlm"]["scenarios"]["concurrency=4"]  # the CPU it took: API and engine process
+    api, engine = busy["server_process_cpu_shares"][:2]
+    assert api > 0 and engine > 0
+    assert busy["server_cpu_share"] >= max(busy["server_thread_cpu_shares"]) > 0.05
 
 
 def test_safety_bench(safety_classifier):
