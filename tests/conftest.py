@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -29,6 +31,13 @@ _FILES = [
     "functools.py",
     "inspect.py",
 ]
+
+
+def ownlm(*args, cwd):
+    """The `ownlm` command in a subprocess, as a user runs it."""
+    env = {**os.environ, "OWNLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "ownlm.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
 def write_small_corpus(path: Path) -> Path:

@@ -1,18 +1,10 @@
 """The command line as a user meets it: help, and one clear error line for each bad input."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-OWNLM = [sys.executable, "-m", "ownlm.cli"]
-
-
-def ownlm(*args, cwd):
-    env = {**os.environ, "OWNLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*OWNLM, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+from conftest import ownlm
 
 
 def test_help_lists_every_stage(tmp_path):

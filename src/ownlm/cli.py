@@ -369,6 +369,38 @@ def sample(
 
 @app.command()
 @user_errors
+def export(
+    model: Annotated[
+        str, typer.Argument(help="A run directory (its most trained model), an HF directory or a GGUF file.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The export's artifact directory.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="hf (a clean HF directory) or gguf (llama.cpp).")
+    ] = "gguf",
+    type_: Annotated[
+        str | None,
+        typer.Option(
+            "--type", "-t", help="gguf: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (f16); hf: f32 bf16 f16 (f32)."
+        ),
+    ] = None,
+) -> None:
+    """Export a model for other tools, checked against it: a parity card, gated per format."""
+    from pydantic import ValidationError
+
+    from ownlm.compress.export import ExportConfig, export_model
+    from ownlm.compress.parity import format_card
+
+    try:
+        cfg = ExportConfig(format=fmt, type=type_)
+    except ValidationError as e:
+        raise OwnlmError(f"--format {fmt}: {e.errors()[0]['msg']}") from None
+    m = export_model(model, out, cfg)
+    print(f"{out}: {m['format']} {m['type']}, {m['size_mb']:.1f} MB")
+    print(f"parity: {format_card(m['parity'])} (gate passed)")
+
+
+@app.command()
+@user_errors
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/NAME).")]) -> None:
     """Write the run's report card, runs/NAME/report.html: metrics, curves and a sample per stage."""
     from ownlm.report import write_report

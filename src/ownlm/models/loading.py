@@ -81,6 +81,7 @@ def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
     """Load an HF directory or a GGUF file as a causal LM, with the attention variant its config
     names (or `variant`)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ownlm.models.attention import attn_implementation
@@ -92,7 +93,7 @@ def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
         return AutoModelForCausalLM.from_pretrained(
             str(p), attn_implementation=attn_implementation(chosen), dtype=dtype or torch.float32
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a corrupt file is SafetensorError
         raise OwnlmError(f"{p}: cannot load model: {str(e).splitlines()[0]}") from None
 
 

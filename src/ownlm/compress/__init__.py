@@ -1,0 +1,1 @@
+"""Compression and export: GGUF and clean HF exports with a parity card (quantization comes next)."""

@@ -1,0 +1,107 @@
+"""`ownlm export`: a model as an HF directory or a GGUF file, with its parity card.
+
+    ownlm export runs/tiny --format gguf --type q8_0 --out runs/tiny/gguf-q8_0
+    ownlm export runs/smol --format hf --out runs/smol/hf
+
+The source is a run (its most trained model), an HF directory, a GGUF file or a built-in model.
+The export is an artifact directory like any stage's (written atomically, `manifest.json` with
+the card): it is read back and compared with the source on the parity text and prompts
+(`ownlm.compress.parity`), a GGUF through transformers' own GGUF loader. A card that fails its
+format's gate fails the command with the figures, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ownlm.core.config import StrictModel
+from ownlm.core.errors import OwnlmError
+
+
+class ExportConfig(StrictModel):
+    format: Literal["hf", "gguf"] = Field(
+        "gguf", description="hf: a clean HF directory; gguf: one llama.cpp file."
+    )
+    type: str | None = Field(
+        None,
+        description="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (default f16); "
+        "hf: f32, bf16, f16 (default f32).",
+    )
+    context: int = Field(256, ge=8, description="Tokens per window of the parity text.")
+
+    def resolved_type(self) -> str:
+        return self.type or ("f16" if self.format == "gguf" else "f32")
+
+
+def _source_dir(source: str | Path) -> Path:
+    from ownlm.core.artifacts import read_manifest
+    from ownlm.models import most_trained_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(most_trained_model(Path(source)))
+    manifest = read_manifest(model_dir) or {}
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if manifest.get("stage") in {"quantize", "export"} or config.get("quantization_config"):
+        raise OwnlmError(
+            f"{model_dir}: already quantized or exported ({manifest.get('stage') or 'quantization_config'}); "
+            "export the model it was made from"
+        )
+    return model_dir
+
+
+def _model_name(model_dir: Path) -> str:
+    """runs/NAME/sft -> NAME; any other directory by its own name."""
+    return model_dir.parent.name if model_dir.name in {"align", "sft", "pretrain"} else model_dir.name
+
+
+def _check_out(out: Path, model_dir: Path) -> None:
+    from ownlm.core.artifacts import read_manifest
+
+    if out.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out.resolve()):
+        raise OwnlmError(f"--out {out}: would overwrite the model being exported")
+    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if occupied and (read_manifest(out) or {}).get("stage") != "export":
+        raise OwnlmError(f"--out {out}: exists and is not an ownlm export; nothing was overwritten")
+
+
+def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict:
+    """Write the export to `out` and return its manifest metrics (the parity card among them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ownlm.compress.gguf_export import write_gguf
+    from ownlm.compress.hf_export import write_hf
+    from ownlm.compress.parity import check_gate, parity_card
+    from ownlm.core.artifacts import sha256_tree, stage_dir
+    from ownlm.models import load_model
+
+    out = Path(out)
+    model_dir = _source_dir(source)
+    _check_out(out, model_dir)
+    fmt = cfg.resolved_type()
+    config = {"export": {**cfg.model_dump(), "type": fmt}, "source": str(source)}
+    with stage_dir(out, "export", config, {"source": sha256_tree(model_dir)}) as w:
+        if cfg.format == "gguf":
+            file = w.tmp / f"{_model_name(model_dir)}-{fmt}.gguf"
+            info = write_gguf(model_dir, file, fmt)
+            try:
+                candidate = AutoModelForCausalLM.from_pretrained(
+                    str(w.tmp), gguf_file=file.name, dtype=torch.float32
+                )
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                raise OwnlmError(
+                    f"{file}: transformers cannot load the export: {str(e).splitlines()[0]}"
+                ) from None
+            info["file"] = file.name
+        else:
+            info = write_hf(model_dir, w.tmp, fmt)
+            candidate = AutoModelForCausalLM.from_pretrained(str(w.tmp), dtype=torch.float32)
+        reference = load_model(model_dir, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        card = check_gate(fmt, parity_card(reference, candidate.eval(), tok, context=cfg.context))
+        size = sum(p.stat().st_size for p in w.tmp.rglob("*") if p.is_file())
+        w.metrics = {"format": cfg.format, "type": fmt, "size_mb": size / 2**20, "parity": card, **info}
+    return w.metrics
