@@ -32,6 +32,9 @@ class ExportConfig(StrictModel):
         "hf: f32, bf16, f16 (default f32).",
     )
     context: int = Field(256, ge=8, description="Tokens per window of the parity text.")
+    llama_cpp: bool = Field(
+        True, description="gguf: also run the card in llama.cpp itself when llama-cpp-python is installed."
+    )
 
     def resolved_type(self) -> str:
         return self.type or ("f16" if self.format == "gguf" else "f32")
@@ -67,11 +70,45 @@ def _check_out(out: Path, model_dir: Path) -> None:
         raise OwnlmError(f"--out {out}: exists and is not an ownlm export; nothing was overwritten")
 
 
+# Texts whose tokenization llama.cpp must reproduce, beside the parity text and prompts: digits (split
+# one by one or not), runs of whitespace, contractions, accents, other scripts and emoji.
+TOKENIZER_PROBES = (
+    "What is 345 * 43? It is 14835, or 1.4835e4.",
+    "  two  spaces,\n\n\ta tab and a trailing space ",
+    "it's, they'll; we'd've! (don't)",
+    "naïve café — ünïcödé, 日本語, русский, 🙂👍",
+)
+
+
+def _llama_cpp_card(file: Path, reference, tok, fmt: str, context: int) -> dict:
+    """The card with llama.cpp as the candidate, after checking it tokenizes as the source does."""
+    import torch
+
+    from ownlm.compress.llama_cpp import LlamaCppScorer
+    from ownlm.compress.parity import check_gate, parity_card, parity_prompts, parity_text, prompt_ids
+
+    scorer = LlamaCppScorer(file, n_ctx=max(512, 2 * context), threads=torch.get_num_threads())
+    try:
+        for text in (*TOKENIZER_PROBES, parity_text(), *parity_prompts()):
+            want, got = tok(text, add_special_tokens=False)["input_ids"], scorer.tokenize(text)
+            if want != got:
+                raise OwnlmError(
+                    f"{file}: llama.cpp tokenizes {text[:60]!r} as {got[:12]}…, the source as {want[:12]}…"
+                )
+        chat = tok.decode(prompt_ids(tok, parity_prompts()[0]))
+        if tok.chat_template and tok(chat, add_special_tokens=False)["input_ids"] != scorer.tokenize(chat):
+            raise OwnlmError(f"{file}: llama.cpp tokenizes the chat template's special tokens differently")
+        return check_gate(fmt, parity_card(reference, scorer, tok, context=context))
+    finally:
+        scorer.close()
+
+
 def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict:
     """Write the export to `out` and return its manifest metrics (the parity card among them)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ownlm.compress import llama_cpp
     from ownlm.compress.gguf_export import write_gguf
     from ownlm.compress.hf_export import write_hf
     from ownlm.compress.parity import check_gate, parity_card
@@ -101,7 +138,10 @@ def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict
             candidate = AutoModelForCausalLM.from_pretrained(str(w.tmp), dtype=torch.float32)
         reference = load_model(model_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        card = check_gate(fmt, parity_card(reference, candidate.eval(), tok, context=cfg.context))
+        context = min(cfg.context, reference.config.max_position_embeddings)
+        card = check_gate(fmt, parity_card(reference, candidate, tok, context=context))
+        if cfg.format == "gguf" and cfg.llama_cpp and llama_cpp.available():
+            info["parity_llama_cpp"] = _llama_cpp_card(w.tmp / info["file"], reference, tok, fmt, context)
         size = sum(p.stat().st_size for p in w.tmp.rglob("*") if p.is_file())
         w.metrics = {"format": cfg.format, "type": fmt, "size_mb": size / 2**20, "parity": card, **info}
     return w.metrics

@@ -22,8 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from ownlm.core.errors import OwnlmError
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).parent
 GREEDY_TOKENS = 64
@@ -77,7 +81,7 @@ def _windows(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, max(1, len(ids) - 1), size - 1) if len(ids[i : i + size]) > 1]
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
     if tokenizer.chat_template:
         chat = [{"role": "user", "content": prompt}]
         return list(
@@ -88,64 +92,110 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def greedy_tokens(model, prompts: list[list[int]], n: int = GREEDY_TOKENS) -> list[list[int]]:
-    """n greedy tokens after each prompt, EOS kept out (so every reply has n tokens to compare);
-    one left-padded batch (one prompt at a time took SmolLM2 ~70 s for the 20)."""
-    import torch
+class Scorer(Protocol):
+    """What the card needs of a model: next-token logits over a sequence, and greedy replies."""
 
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad
+    def logits(self, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab], float32
+        ...
+
+    def greedy(self, prompts: list[list[int]], n: int, banned: list[int]) -> list[list[int]]:
+        """n greedy tokens after each prompt, never one of `banned` (the stop tokens: so every
+        reply has n tokens to compare)."""
+        ...
+
+
+class HFScorer:
+    """A transformers causal LM as a `Scorer`."""
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.tensor([ids])).logits[0].float()
+
+    def stop_ids(self) -> list[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return ids + (
+            [self.model.config.eos_token_id] if isinstance(self.model.config.eos_token_id, int) else []
         )
-    return out[:, width:].tolist()
+
+    def greedy(self, prompts: list[list[int]], n: int, banned: list[int]) -> list[list[int]]:
+        """One left-padded batch (one prompt at a time took SmolLM2 ~70 s for the 20)."""
+        import torch
+
+        cfg = self.model.config
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=pad,
+            )
+        return out[:, width:].tolist()
+
+
+def _scorer(model) -> Scorer:
+    return model if hasattr(model, "greedy") else HFScorer(model)
 
 
 def parity_card(reference, candidate, tokenizer, *, context: int = 256) -> dict:
-    """The card for `candidate` against `reference` (both causal LMs on the same tokenizer)."""
+    """The card for `candidate` against `reference`: transformers models or `Scorer`s (llama.cpp's
+    is `ownlm.compress.llama_cpp.LlamaCppScorer`), on the same tokenizer."""
     import torch
 
+    reference, candidate = _scorer(reference), _scorer(candidate)
     ids = tokenizer(parity_text())["input_ids"]
-    size = max(8, min(context, int(getattr(reference.config, "max_position_embeddings", context))))
+    size = max(8, context)
     nll_ref = nll_cand = 0.0
     klds: list[torch.Tensor] = []
     same = n = 0
     margin_shift = 0.0  # the largest change the conversion made to a top-2 margin on the text
-    with torch.inference_mode():
-        for w in _windows(ids, size):
-            x = torch.tensor([w])
-            ref = reference(x).logits[0, :-1].float().log_softmax(-1)
-            cand = candidate(x).logits[0, :-1].float().log_softmax(-1)
-            if cand.shape != ref.shape:
-                raise OwnlmError(
-                    f"the converted model's logits are {tuple(cand.shape)}, the source's {tuple(ref.shape)}"
-                )
-            target = torch.tensor(w[1:]).unsqueeze(-1)
-            nll_ref -= float(ref.gather(-1, target).sum())
-            nll_cand -= float(cand.gather(-1, target).sum())
-            klds.append((ref.exp() * (ref - cand)).sum(-1).clamp_min(0))
-            same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-            n += len(w) - 1
-            first, second = ref.topk(2, -1).indices.split(1, -1)
-            shift = (ref.gather(-1, first) - ref.gather(-1, second)) - (
-                cand.gather(-1, first) - cand.gather(-1, second)
+    for w in _windows(ids, size):
+        ref = reference.logits(w)[:-1].log_softmax(-1)
+        cand = candidate.logits(w)[:-1].log_softmax(-1)
+        if cand.shape != ref.shape:
+            raise OwnlmError(
+                f"the converted model's logits are {tuple(cand.shape)}, the source's {tuple(ref.shape)}"
             )
-            margin_shift = max(margin_shift, float(shift.abs().max()))
+        target = torch.tensor(w[1:]).unsqueeze(-1)
+        nll_ref -= float(ref.gather(-1, target).sum())
+        nll_cand -= float(cand.gather(-1, target).sum())
+        klds.append((ref.exp() * (ref - cand)).sum(-1).clamp_min(0))
+        same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        n += len(w) - 1
+        first, second = ref.topk(2, -1).indices.split(1, -1)
+        shift = (ref.gather(-1, first) - ref.gather(-1, second)) - (
+            cand.gather(-1, first) - cand.gather(-1, second)
+        )
+        margin_shift = max(margin_shift, float(shift.abs().max()))
     kld = torch.cat(klds)
     ppl_ref, ppl_cand = math.exp(nll_ref / n), math.exp(nll_cand / n)
     agree, identical, ties = [], 0, 0
-    prompts = [_prompt_ids(tokenizer, p) for p in parity_prompts()]
-    replies = zip(prompts, greedy_tokens(reference, prompts), greedy_tokens(candidate, prompts), strict=True)
+    prompts = [prompt_ids(tokenizer, p) for p in parity_prompts()]
+    stops = reference.stop_ids() if isinstance(reference, HFScorer) else []
+    banned = sorted({*stops, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    replies = zip(
+        prompts,
+        reference.greedy(prompts, GREEDY_TOKENS, banned),
+        candidate.greedy(prompts, GREEDY_TOKENS, banned),
+        strict=True,
+    )
     for prompt, a, b in replies:
         prefix = next((i for i, (s, t) in enumerate(zip(a, b, strict=True)) if s != t), len(a))
         agree.append(prefix / len(a))
         identical += a == b
         if a != b:  # a near-tie when the source's own margin there is within the conversion's noise
-            with torch.inference_mode():
-                lp = reference(torch.tensor([prompt + a[:prefix]])).logits[0, -1].float().log_softmax(-1)
+            lp = reference.logits(prompt + a[:prefix])[-1].log_softmax(-1)
             ties += float(lp[a[prefix]] - lp[b[prefix]]) <= margin_shift
     return {
         "tokens": n,
