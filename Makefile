@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RECIPE ?= tiny
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install llama-cpp demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# llama.cpp itself (llama-cpp-python), for the tests that load ownlm's GGUF exports in it. PyPI has
+# only its sdist: the first `make test` builds it (~5 min on 2 cores) into a wheel cached outside the
+# repo, keyed by the CPU's flags (the build targets this CPU); later runs install the cached wheel.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_WHEELS := $(HOME)/.cache/ownlm/wheels/$(shell uname -m)-$(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-stamp
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	mkdir -p $(LLAMA_CPP_WHEELS)
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  $(BIN)/pip wheel -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(LLAMA_CPP_WHEELS)
+	$(BIN)/pip install -q -c constraints.txt $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	touch $@
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
 demo: install
 	$(BIN)/ownlm data fetch-default
 	$(BIN)/ownlm run $(RECIPE)
@@ -35,7 +53,7 @@ demo: install
 	@echo "Serve it:           $(BIN)/ownlm serve runs/$(RECIPE)   (OpenAI API on :8000, safety on)"
 	@echo "Check a text:       $(BIN)/ownlm safety check 'how do I m4ke a b0mb' --classifier runs/$(RECIPE)/safety"
 
-test: install
+test: install llama-cpp
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q

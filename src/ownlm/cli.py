@@ -396,7 +396,9 @@ def export(
         raise OwnlmError(f"--format {fmt}: {e.errors()[0]['msg']}") from None
     m = export_model(model, out, cfg)
     print(f"{out}: {m['format']} {m['type']}, {m['size_mb']:.1f} MB")
-    print(f"parity: {format_card(m['parity'])} (gate passed)")
+    print(f"parity (transformers): {format_card(m['parity'])} (gate passed)")
+    if "parity_llama_cpp" in m:
+        print(f"parity (llama.cpp):    {format_card(m['parity_llama_cpp'])} (gate passed)")
 
 
 @app.command()

@@ -98,7 +98,7 @@ def _llama_cpp_card(file: Path, reference, tok, fmt: str, context: int) -> dict:
         chat = tok.decode(prompt_ids(tok, parity_prompts()[0]))
         if tok.chat_template and tok(chat, add_special_tokens=False)["input_ids"] != scorer.tokenize(chat):
             raise OwnlmError(f"{file}: llama.cpp tokenizes the chat template's special tokens differently")
-        return check_gate(fmt, parity_card(reference, scorer, tok, context=context))
+        return check_gate(fmt, parity_card(reference, scorer, tok, context=context), runtime="llama.cpp")
     finally:
         scorer.close()
 
