@@ -247,9 +247,13 @@ def test_the_alignment_bench_scores_sft_and_cai_with_both_judges(recipe, safety_
     run_cai(r, r.align, _policy(r))
     if not (r.run_dir / "sft").exists():  # the bench compares the run's sft/ with its align/
         shutil.copytree(_policy(r), r.run_dir / "sft")
-    out = bench_cai(r, limit=3)
+    samples: dict = {}
+    out = bench_cai(r, limit=3, samples=samples)
     for name in ("smol-sft", "smol-cai"):
         m = out[name]
         assert m["n_harmful"] == 3 and m["n_tasks"] == 3 and 0 <= m["exact_match"] <= 1
         for key in ("classifier_refusal_rate", "classifier_over_refusal_rate", "classifier_safe_reply_rate"):
             assert 0 <= m[key] <= 1
+        assert m["both_judges_refusal_rate"] <= min(m["harmful_refusal_rate"], m["classifier_refusal_rate"])
+        top = samples[name]  # the commonest replies to the held-out harmful prompts, with counts
+        assert 1 <= len(top) <= 3 and m["commonest_harmful_reply_share"] == top[0][1] / 3

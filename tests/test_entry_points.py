@@ -431,6 +431,8 @@ def test_every_command_runs_as_documented(tmp_path, small_corpus):
     assert f"chatting with {run / 'align'}" in reply and "(conversation cleared)" in reply
     page = Path(ownlm("report", run).strip().splitlines()[-1])
     assert page == run / "report.html" and "<h2>align</h2>" in page.read_text(encoding="utf-8")
+    out = ownlm("export", run, "--format", "gguf", "--type", "q8_0", "--out", tmp_path / "gguf")
+    assert "parity (transformers): PPL" in out and list((tmp_path / "gguf").glob("journey-q8_0.gguf"))
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
     ownlm("run", recipe)  # the recipe lists every stage, augment included
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")} == stamps  # all skipped
