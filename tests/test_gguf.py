@@ -23,7 +23,7 @@ def smollm2_gguf():
 
 
 def test_gguf_converts_once_and_continues_pretraining(tmp_path, small_corpus, smollm2_gguf):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import prepare_corpus
     from ownlm.models import resolve_model_dir
@@ -33,6 +33,12 @@ def test_gguf_converts_once_and_continues_pretraining(tmp_path, small_corpus, sm
     assert resolve_model_dir(smollm2_gguf) == converted  # cached by content hash
     assert json.loads((converted / "config.json").read_text())["num_hidden_layers"] == 30
     assert type(AutoModelForCausalLM.from_pretrained(converted)).__name__ == "LlamaForCausalLM"
+    # The GGUF names llama.cpp's `smollm` pre-tokenizer: digits one by one, as SmolLM2 was trained
+    # (transformers' converter alone reads "2024" as one piece).
+    tok = AutoTokenizer.from_pretrained(converted)
+    assert tok.convert_ids_to_tokens(tok("in 2024", add_special_tokens=False)["input_ids"]) == [
+        "in", "Ġ", "2", "0", "2", "4",
+    ]  # fmt: skip
 
     recipe = tiny_recipe(
         tmp_path,

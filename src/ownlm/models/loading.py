@@ -36,6 +36,35 @@ def builtin_model(name: str) -> Path | None:
     return Path(spec.submodule_search_locations[0]) / filename
 
 
+# llama.cpp pre-tokenizers that split digits one by one before GPT-2's regex (llama-vocab.cpp's
+# STARCODER group). transformers' GGUF converter drops the digit split and keeps a plain byte-level
+# pre-tokenizer, so SmolLM2 ("smollm") read "2024" as one piece where it was trained on four.
+DIGIT_SPLITTING_PRES = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+# Bumped when the conversion changes, so a cached conversion made by older code is redone.
+GGUF_CONVERSION = "v2"
+
+
+def _gguf_pre_tokenizer(gguf: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def _restore_digit_split(tok, gguf: Path) -> None:
+    """Give the converted tokenizer back the single-digit split its GGUF names (see above)."""
+    from tokenizers import pre_tokenizers
+
+    if _gguf_pre_tokenizer(gguf) not in DIGIT_SPLITTING_PRES:
+        return
+    backend = tok.backend_tokenizer
+    current = backend.pre_tokenizer
+    if type(current).__name__ == "ByteLevel":
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """An HF model directory for `path`: itself, or the cached conversion of a GGUF file.
 
@@ -53,7 +82,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if len(ggufs) != 1:
         raise OwnlmError(f"{p}: no config.json (not an HF model directory) and not exactly one .gguf file")
     gguf = ggufs[0]
-    out = gguf_cache_root() / sha256_file(gguf)[:24]
+    out = gguf_cache_root() / f"{sha256_file(gguf)[:24]}-{GGUF_CONVERSION}"
     if read_manifest(out) is None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +92,7 @@ def resolve_model_dir(path: str | Path) -> Path:
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            _restore_digit_split(tok, gguf)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise OwnlmError(f"{gguf}: cannot read GGUF: {str(e).splitlines()[0]}") from None
         # The weights are dequantised to fp32 on load; the GGUF "quantizer" left on the model only
