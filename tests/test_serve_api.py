@@ -770,3 +770,4 @@ def test_serve_command_end_to_end(tmp_path, model, tokenizer, mode):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert "memory per instance: weights" in proc.stdout.read()  # printed at start

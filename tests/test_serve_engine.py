@@ -152,6 +152,14 @@ def test_prepacked_linears_serve_the_same_tokens(model, tokenizer, prompts, tmp_
     tokenizer.save_pretrained(tmp_path)
     engine = Engine.from_pretrained(tmp_path)  # packed, and q/k/v and gate/up fused (fused_llama)
     assert engine.runner is not None and not any(type(m) is nn.Linear for m in engine.model.modules())
+    # Its memory as reported: fp32 weights once each (packed or not), a tied output matrix twice.
+    s, params = engine.stats(), sum(p.numel() for p in model.parameters())
+    tied = model.get_input_embeddings().weight.numel() if model.config.tie_word_embeddings else 0
+    assert 4 * (params + tied) <= s.weights_bytes <= 4 * (params + tied) + 4096  # + the RoPE buffer
+    assert (
+        s.kv_cache_bytes
+        == (engine.cache.budget_tokens + engine.prefix.capacity_tokens) * s.kv_bytes_per_token
+    )
     assert tokens(engine.generate(prompts, greedy(24))) == want
     with pytest.raises(OwnlmError, match="dtype must be one of"):
         Engine.from_pretrained(tmp_path, dtype="fp8")

@@ -238,6 +238,7 @@ def serve(
     from ownlm.engine.config import EngineConfig
     from ownlm.engine.process import EngineProcess
     from ownlm.models import builtin_model, most_trained_model
+    from ownlm.models.memory import memory_line
     from ownlm.serve.api import run_server
 
     path = most_trained_model(Path(model))
@@ -258,13 +259,19 @@ def serve(
 
     def load():
         if engine_process:  # this process then never imports torch (engine/process.py)
-            return EngineProcess(path, dtype=dtype, config=config, threads=n_threads)
-        import torch
+            engine = EngineProcess(path, dtype=dtype, config=config, threads=n_threads)
+        else:
+            import torch
 
-        from ownlm.engine.core import Engine
+            from ownlm.engine.core import Engine
 
-        torch.set_num_threads(n_threads)
-        return Engine.from_pretrained(path, dtype=dtype, config=config)
+            torch.set_num_threads(n_threads)
+            engine = Engine.from_pretrained(path, dtype=dtype, config=config)
+        m = engine.memory  # known once loaded (an engine process sends it with "ready")
+        per_token = max(1, m["kv_bytes_per_token"])
+        tokens = m["kv_cache_bytes"] // per_token
+        print(memory_line(m["weights_bytes"], m["kv_cache_bytes"], tokens, per_token), file=sys.stderr)
+        return engine
 
     guard = _safety_guard(Path(model), safety, no_safety, shares_torch=not engine_process)
     print(f"serving {path} as {name!r} on http://{host}:{port}/v1", file=sys.stderr)

@@ -85,6 +85,7 @@ from ownlm.engine.request_state import RequestState, SequenceState
 from ownlm.engine.sampling import SamplingParams, SequenceSampler, TokenLogprob, sample
 from ownlm.engine.scheduler import RequestRejected, Scheduler
 from ownlm.engine.sinks import AsyncSink, CollectSink
+from ownlm.models.memory import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,12 @@ class Engine(EngineFrontends):
         self._step_lock = threading.RLock()
         self._work = threading.Condition(self._inbox_lock)
         self._ids = itertools.count()
-        self._stats = EngineStats(kv_tokens_budget=self.cache.budget_tokens)
+        self._stats = EngineStats(
+            kv_tokens_budget=self.cache.budget_tokens,
+            weights_bytes=weight_bytes(self.model),
+            kv_cache_bytes=total * bpt,
+            kv_bytes_per_token=bpt,
+        )
         self._on_finish: list[Callable[[RequestOutput], None]] = []
         self._on_step: list[Callable[[EngineStats], None]] = []
         self._thread: threading.Thread | None = None
@@ -218,6 +224,13 @@ class Engine(EngineFrontends):
 
     # ------------------------------------------------------------------------------------------------
     # Public interface
+
+    @property
+    def memory(self) -> dict[str, int]:
+        """The instance's memory (`ownlm.models.memory`): weights as held, the whole KV budget."""
+        s = self._stats
+        return {"weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes,
+                "kv_bytes_per_token": s.kv_bytes_per_token}  # fmt: skip
 
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt (`frontends.encode_prompt`)."""

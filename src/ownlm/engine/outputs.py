@@ -74,6 +74,10 @@ class EngineStats:
     kv_tokens_used: int = 0  # reserved rectangle of the running rows (padded)
     kv_tokens_budget: int = 0  # for running rows (total budget minus the prefix pool)
     kv_usage: float = 0.0  # kv_tokens_used / kv_tokens_budget
+    # The instance's memory (`ownlm.models.memory`): fixed once the engine is built.
+    weights_bytes: int = 0  # as held in memory (prepacked copies included)
+    kv_cache_bytes: int = 0  # the whole KV budget: running rows and the prefix pool
+    kv_bytes_per_token: int = 0
     prefix_cache_tokens: int = 0  # tokens held by the prefix pool
     prefix_cache_capacity: int = 0
     prefix_cache_hit_tokens: int = 0  # counters from here on

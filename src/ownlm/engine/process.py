@@ -128,6 +128,7 @@ class EngineProcess(AsyncFrontend):
         self.vocab_size: int = info["vocab_size"]
         self.max_model_len: int = info["max_model_len"]
         self.default_stop_ids: list[int] = info["default_stop_ids"]
+        self.memory: dict[str, int] = info["memory"]  # `Engine.memory`, fixed once loaded
         self._requests: dict[str, _Remote] = {}
         self._acks: dict[str, asyncio.Future] = {}
         self._replies: dict[int, concurrent.futures.Future] = {}
@@ -418,6 +419,7 @@ def _engine_main(model: str, dtype, config: EngineConfig, threads, log_level: in
         vocab_size=engine.vocab_size,
         max_model_len=engine.max_model_len,
         default_stop_ids=list(engine.default_stop_ids),
+        memory=engine.memory,
     )
     conn.send(("ready", info, engine.tokenizer))
     serving.set()

@@ -60,6 +60,9 @@ class Metrics:
         self.prefix_usage = Gauge(
             "ownlm_prefix_cache_usage_ratio", "Used share of the prefix cache", registry=r
         )
+        self.memory = Gauge(
+            "ownlm_instance_memory_bytes", "The instance's weights and whole KV budget", ["part"], registry=r
+        )
         self.pending = Gauge("ownlm_http_requests_in_flight", "Generation requests being served", registry=r)
         self.safety_verdicts = Counter(
             "ownlm_safety_verdicts",
@@ -110,6 +113,8 @@ class Metrics:
         self.batch.set(s.running_seqs)
         self.kv_usage.set(s.kv_usage)
         self.prefix_usage.set(s.prefix_cache_tokens / max(1, s.prefix_cache_capacity))
+        self.memory.labels("weights").set(s.weights_bytes)
+        self.memory.labels("kv_cache").set(s.kv_cache_bytes)
 
 
 class OutermostMiddleware:
