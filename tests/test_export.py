@@ -12,6 +12,10 @@ from conftest import ownlm
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def trained_name(model_dir):
+    return model_dir.parent.name  # runs/NAME/pretrain -> NAME
+
+
 @pytest.fixture(scope="module")
 def model_dir(trained_run):
     return trained_run.run_dir / "pretrain"
@@ -33,12 +37,15 @@ def test_gguf_f32_is_exact_and_reads_back(model_dir, tmp_path):
     assert fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.pre"] == "smollm"  # ownlm's BPE splits digits one by one first
     assert fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["general.name"] == trained_name(model_dir)
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     assert tok.chat_template and fields["tokenizer.chat_template"] == tok.chat_template
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert fields["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
     assert len(tokens) == json.loads((model_dir / "config.json").read_text())["vocab_size"]
     assert types[tok.bos_token_id] == gguf.TokenType.CONTROL and tokens[tok.bos_token_id] == tok.bos_token
     manifest = json.loads((tmp_path / "f32" / "manifest.json").read_text())
@@ -138,6 +145,20 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(model_dir, tmp_path):
     export_model(model_dir, tmp_path / "done", ExportConfig(format="hf"))
     with pytest.raises(OwnlmError, match="already quantized or exported"):
         export_model(tmp_path / "done", tmp_path / "again", ExportConfig(format="gguf", type="f32"))
+    g = export_model(model_dir, tmp_path / "g8", ExportConfig(format="gguf", type="q8_0", llama_cpp=False))
+    for source in (tmp_path / "g8", tmp_path / "g8" / g["file"]):  # its directory or its file
+        with pytest.raises(OwnlmError, match="already quantized or exported"):
+            export_model(source, tmp_path / "g8", ExportConfig(format="gguf", type="q4_0"))
+    assert (tmp_path / "g8" / g["file"]).is_file()
+
+
+def test_an_unchecked_runtime_is_said(model_dir, tmp_path, monkeypatch):
+    from ownlm.compress import llama_cpp
+    from ownlm.compress.export import ExportConfig, export_model
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    m = export_model(model_dir, tmp_path / "g", ExportConfig(format="gguf", type="f32"))
+    assert "not installed" in m["parity_llama_cpp"]["skipped"]
 
 
 def test_what_llama_cpp_cannot_run_is_refused(model_dir, tmp_path):

@@ -404,7 +404,9 @@ def export(
     m = export_model(model, out, cfg)
     print(f"{out}: {m['format']} {m['type']}, {m['size_mb']:.1f} MB")
     print(f"parity (transformers): {format_card(m['parity'])} (gate passed)")
-    if "parity_llama_cpp" in m:
+    if "skipped" in m.get("parity_llama_cpp", {}):
+        print(f"parity (llama.cpp):    not checked: {m['parity_llama_cpp']['skipped']}")
+    elif "parity_llama_cpp" in m:
         print(f"parity (llama.cpp):    {format_card(m['parity_llama_cpp'])} (gate passed)")
 
 

@@ -44,7 +44,12 @@ def _source_dir(source: str | Path) -> Path:
     from ownlm.core.artifacts import read_manifest
     from ownlm.models import most_trained_model, resolve_model_dir
 
-    model_dir = resolve_model_dir(most_trained_model(Path(source)))
+    given = most_trained_model(Path(source))
+    # A GGUF export resolves to its cached conversion: the export's own manifest sits beside the file.
+    home = given.parent if given.is_file() else given
+    if (read_manifest(home) or {}).get("stage") in {"quantize", "export"}:
+        raise OwnlmError(f"{given}: already quantized or exported; export the model it was made from")
+    model_dir = resolve_model_dir(given)
     manifest = read_manifest(model_dir) or {}
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if manifest.get("stage") in {"quantize", "export"} or config.get("quantization_config"):
@@ -55,9 +60,15 @@ def _source_dir(source: str | Path) -> Path:
     return model_dir
 
 
-def _model_name(model_dir: Path) -> str:
-    """runs/NAME/sft -> NAME; any other directory by its own name."""
-    return model_dir.parent.name if model_dir.name in {"align", "sft", "pretrain"} else model_dir.name
+def _model_name(source: str | Path) -> str:
+    """A run by its name (runs/NAME or runs/NAME/sft -> NAME), a built-in model by its name, a file
+    or directory by its stem."""
+    from ownlm.models import most_trained_model
+
+    path = most_trained_model(Path(source))
+    if path.name in {"align", "sft", "pretrain"}:
+        return path.parent.name
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def _check_out(out: Path, model_dir: Path) -> None:
@@ -87,7 +98,8 @@ def _llama_cpp_card(file: Path, reference, tok, fmt: str, context: int) -> dict:
     from ownlm.compress.llama_cpp import LlamaCppScorer
     from ownlm.compress.parity import check_gate, parity_card, parity_prompts, parity_text, prompt_ids
 
-    scorer = LlamaCppScorer(file, n_ctx=max(512, 2 * context), threads=torch.get_num_threads())
+    f32_kv = fmt == "f32"  # llama.cpp's KV cache is f16 unless asked: an f32 file is checked in f32
+    scorer = LlamaCppScorer(file, n_ctx=max(512, 2 * context), threads=torch.get_num_threads(), f32_kv=f32_kv)
     try:
         for text in (*TOKENIZER_PROBES, parity_text(), *parity_prompts()):
             want, got = tok(text, add_special_tokens=False)["input_ids"], scorer.tokenize(text)
@@ -122,8 +134,9 @@ def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict
     config = {"export": {**cfg.model_dump(), "type": fmt}, "source": str(source)}
     with stage_dir(out, "export", config, {"source": sha256_tree(model_dir)}) as w:
         if cfg.format == "gguf":
-            file = w.tmp / f"{_model_name(model_dir)}-{fmt}.gguf"
-            info = write_gguf(model_dir, file, fmt)
+            name = _model_name(source)
+            file = w.tmp / f"{name}-{fmt}.gguf"
+            info = write_gguf(model_dir, file, fmt, name=name)
             try:
                 candidate = AutoModelForCausalLM.from_pretrained(
                     str(w.tmp), gguf_file=file.name, dtype=torch.float32
@@ -140,8 +153,11 @@ def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         context = min(cfg.context, reference.config.max_position_embeddings)
         card = check_gate(fmt, parity_card(reference, candidate, tok, context=context))
-        if cfg.format == "gguf" and cfg.llama_cpp and llama_cpp.available():
-            info["parity_llama_cpp"] = _llama_cpp_card(w.tmp / info["file"], reference, tok, fmt, context)
+        if cfg.format == "gguf" and cfg.llama_cpp:
+            if llama_cpp.available():
+                info["parity_llama_cpp"] = _llama_cpp_card(w.tmp / info["file"], reference, tok, fmt, context)
+            else:  # said, so that nobody takes the transformers card for llama.cpp's
+                info["parity_llama_cpp"] = {"skipped": "llama-cpp-python is not installed (make llama-cpp)"}
         size = sum(p.stat().st_size for p in w.tmp.rglob("*") if p.is_file())
         w.metrics = {"format": cfg.format, "type": fmt, "size_mb": size / 2**20, "parity": card, **info}
     return w.metrics

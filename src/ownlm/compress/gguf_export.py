@@ -23,6 +23,7 @@ tokenizer's own structure rather than hash-matching a vocabulary: byte-level GPT
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def write_gguf(model_dir: Path, out_file: Path, fmt: str, *, name: str | None = 
     Every tensor is read back through gguf's reader and compared byte for byte."""
     import gguf
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from ownlm.models import load_model
 
@@ -166,6 +167,20 @@ def write_gguf(model_dir: Path, out_file: Path, fmt: str, *, name: str | None = 
     w.add_token_list(tokens)
     w.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=config.vocab_size)
+    if not special.merges:
+        raise OwnlmError(f"{model_dir / 'tokenizer.json'}: no BPE merges found; llama.cpp could not tokenize")
+    # The ids from the tokenizer itself, not from whatever files SpecialVocab happened to parse; the
+    # end of a turn (the stop ids of generation_config beyond EOS) as llama.cpp's `eot`.
+    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "unk": tok.unk_token_id}
+    special.special_token_ids = {k: v for k, v in ids.items() if v is not None}
+    stops = getattr(GenerationConfig.from_model_config(config), "eos_token_id", None)
+    gen_file = model_dir / "generation_config.json"
+    if gen_file.is_file():
+        stops = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id", stops)
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    eot = [i for i in stops if i != tok.eos_token_id]
+    if eot:
+        special.special_token_ids["eot"] = eot[0]
     probe = tok("a")["input_ids"]
     special.add_special_token = {"bos": bool(probe) and probe[0] == tok.bos_token_id, "eos": False}
     special.chat_template = tok.chat_template
@@ -176,7 +191,7 @@ def write_gguf(model_dir: Path, out_file: Path, fmt: str, *, name: str | None = 
     # The matrix that makes the logits: output.weight, or the embedding when they are tied.
     output = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
     written: dict[str, dict] = {}
-    expected: dict[str, bytes] = {}
+    expected: dict[str, bytes] = {}  # sha256 of each tensor's bytes: copies would double the memory
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp uses token_embd when there is no output.weight
@@ -199,7 +214,7 @@ def write_gguf(model_dir: Path, out_file: Path, fmt: str, *, name: str | None = 
         q = gguf.quants.quantize(np.ascontiguousarray(data), tq)
         w.add_tensor(gname, q, raw_dtype=tq)
         written[gname] = {"type": tq.name, "shape": list(data.shape)}
-        expected[gname] = q.tobytes()
+        expected[gname] = hashlib.sha256(np.ascontiguousarray(q)).digest()
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -210,6 +225,6 @@ def write_gguf(model_dir: Path, out_file: Path, fmt: str, *, name: str | None = 
     if set(got) != set(expected):
         raise OwnlmError(f"{out_file}: read back {len(got)} tensors, wrote {len(expected)}")
     for gname, raw in expected.items():
-        if got[gname].data.tobytes() != raw:
+        if hashlib.sha256(np.ascontiguousarray(got[gname].data)).digest() != raw:
             raise OwnlmError(f"{out_file}: tensor {gname} reads back different from what was written")
     return {"tensors": written, "tokenizer_pre": pre, "read_back": "identical"}

@@ -21,15 +21,20 @@ def available() -> bool:
 class LlamaCppScorer:
     """A `parity.Scorer` on llama.cpp: logits of every position, greedy replies."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 512, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, n_ctx: int = 512, threads: int | None = None, f32_kv: bool = False
+    ) -> None:
         try:
             import llama_cpp
         except ImportError:
             raise OwnlmError("llama.cpp checks need llama-cpp-python: make llama-cpp") from None
+        except Exception as e:  # a broken build: libllama fails to load
+            raise OwnlmError(f"llama-cpp-python is installed but does not load: {e}") from None
+        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                n_threads=threads, n_threads_batch=threads, verbose=False,
+                n_threads=threads, n_threads_batch=threads, verbose=False, **kv,
             )  # fmt: skip
         except (ValueError, RuntimeError) as e:
             raise OwnlmError(f"{path}: llama.cpp cannot load it: {e}") from None

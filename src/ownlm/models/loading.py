@@ -39,7 +39,7 @@ def builtin_model(name: str) -> Path | None:
 # llama.cpp pre-tokenizers that split digits one by one before GPT-2's regex (llama-vocab.cpp's
 # STARCODER group). transformers' GGUF converter drops the digit split and keeps a plain byte-level
 # pre-tokenizer, so SmolLM2 ("smollm") read "2024" as one piece where it was trained on four.
-DIGIT_SPLITTING_PRES = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+DIGIT_SPLITTING_PRES = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b"}
 # Bumped when the conversion changes, so a cached conversion made by older code is redone.
 GGUF_CONVERSION = "v2"
 

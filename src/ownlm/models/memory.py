@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # torch stays out of the API process, which prints `memory_li
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's weights occupy: each parameter and buffer storage once (tied weights
     count once), plus oneDNN-prepacked copies (opaque tensors in a module's `packed` attribute,
-    which hold no ordinary storage: counted from their size)."""
+    which hold no ordinary storage: counted from their size, so a lower bound if oneDNN pads)."""
     import torch
+    from torch import nn
 
     seen: set[int] = set()
     total = 0
@@ -36,6 +37,9 @@ def weight_bytes(model: nn.Module) -> int:
         packed = getattr(m, "packed", None)
         if isinstance(packed, torch.Tensor):
             total += packed.numel() * packed.element_size()
+            bias = getattr(m, "bias", None)  # a plain attribute there, not a parameter
+            if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
+                total += bias.numel() * bias.element_size()
     return total
 
 
