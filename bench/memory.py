@@ -7,7 +7,7 @@ the KV bytes per token, and the process's RSS once loaded. The peer is the formu
 figure: `rss_over_weights` is what the runtime adds (interpreter, torch, oneDNN). From the RSS,
 how many KV tokens fit in a 12 GB instance, in fp32 and in bf16 (half the bytes per token).
 
-    python bench/memory.py [--save]
+    python bench/memory.py [--models tiny smol base] [--save]
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def base_model_dir(work: Path, tiny_dir: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", choices=["tiny", "smol", "base"], default=["tiny", "smol", "base"])
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -89,11 +90,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tiny, how = bench_model(Path(tmp), None)
-        models = {
-            "tiny": str(tiny),
-            "smol": "smollm2-135m-instruct",
-            "base": str(base_model_dir(Path(tmp), tiny)),
-        }
+        paths = {"tiny": lambda: str(tiny), "smol": lambda: "smollm2-135m-instruct",
+                 "base": lambda: str(base_model_dir(Path(tmp), tiny))}  # fmt: skip
+        models = {name: paths[name]() for name in args.models}
         systems = {}
         for name, path in models.items():
             res = subprocess.run(

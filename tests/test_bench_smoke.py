@@ -71,3 +71,10 @@ def test_safety_bench(safety_classifier):
     peers = {"alt-profanity-check", "smollm2-guard"}
     check_shape(r, {"ownlm-rules", "ownlm-classifier", "ownlm-combined", *peers})
     assert r["prompts"]["harmbench"] == 6 and r["systems"]["ownlm-rules"]["latency_p99_ms"] > 0
+
+
+def test_memory_bench():
+    r = _run("memory.py", "--models", "tiny")
+    tiny = r["systems"]["tiny"]
+    assert tiny["weights_mb"] > 0 and tiny["rss_loaded_mb"] > tiny["weights_mb"]
+    assert tiny["kv_tokens_in_12gb_bf16"] >= 2 * tiny["kv_tokens_in_12gb_fp32"] - 1

@@ -88,11 +88,13 @@ def test_a_failed_gate_writes_nothing(model_dir, tmp_path, monkeypatch):
 def test_hf_export_loads_in_plain_transformers(model_dir, tmp_path):
     import torch
 
-    from ownlm.compress.export import ExportConfig, export_model
     from ownlm.models import load_model
 
     out = tmp_path / "hf"
-    m = export_model(model_dir, out, ExportConfig(format="hf"))
+    res = ownlm("export", model_dir, "--format", "hf", "--out", out, cwd=tmp_path)  # as a user runs it
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{out}: hf f32" in res.stdout and "20/20 identical" in res.stdout
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
     assert m["parity"]["greedy_identical"] == 20 and m["parity"]["kld_mean"] < 1e-9
     config = json.loads((out / "config.json").read_text())
     assert not {"attention_variant", "attention_window", "attention_top_k"} & set(config)

@@ -268,9 +268,7 @@ def serve(
             torch.set_num_threads(n_threads)
             engine = Engine.from_pretrained(path, dtype=dtype, config=config)
         m = engine.memory  # known once loaded (an engine process sends it with "ready")
-        per_token = max(1, m["kv_bytes_per_token"])
-        tokens = m["kv_cache_bytes"] // per_token
-        print(memory_line(m["weights_bytes"], m["kv_cache_bytes"], tokens, per_token), file=sys.stderr)
+        print(memory_line(m["weights_bytes"], m["kv_cache_bytes"], m["kv_bytes_per_token"]), file=sys.stderr)
         return engine
 
     guard = _safety_guard(Path(model), safety, no_safety, shares_torch=not engine_process)

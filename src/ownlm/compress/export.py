@@ -50,12 +50,9 @@ def _source_dir(source: str | Path) -> Path:
     if (read_manifest(home) or {}).get("stage") in {"quantize", "export"}:
         raise OwnlmError(f"{given}: already quantized or exported; export the model it was made from")
     model_dir = resolve_model_dir(given)
-    manifest = read_manifest(model_dir) or {}
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if manifest.get("stage") in {"quantize", "export"} or config.get("quantization_config"):
+    if json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("quantization_config"):
         raise OwnlmError(
-            f"{model_dir}: already quantized or exported ({manifest.get('stage') or 'quantization_config'}); "
-            "export the model it was made from"
+            f"{model_dir}: already quantized (quantization_config); export the model it was made from"
         )
     return model_dir
 
@@ -91,12 +88,14 @@ TOKENIZER_PROBES = (
 )
 
 
-def _llama_cpp_card(file: Path, reference, tok, fmt: str, context: int) -> dict:
+def _llama_cpp_card(file: Path, reference, fmt: str, context: int) -> dict:
     """The card with llama.cpp as the candidate, after checking it tokenizes as the source does."""
     import torch
 
     from ownlm.compress.llama_cpp import LlamaCppScorer
     from ownlm.compress.parity import check_gate, parity_card, parity_prompts, parity_text, prompt_ids
+
+    tok = reference.tokenizer
 
     f32_kv = fmt == "f32"  # llama.cpp's KV cache is f16 unless asked: an f32 file is checked in f32
     scorer = LlamaCppScorer(file, n_ctx=max(512, 2 * context), threads=torch.get_num_threads(), f32_kv=f32_kv)
@@ -110,7 +109,7 @@ def _llama_cpp_card(file: Path, reference, tok, fmt: str, context: int) -> dict:
         chat = tok.decode(prompt_ids(tok, parity_prompts()[0]))
         if tok.chat_template and tok(chat, add_special_tokens=False)["input_ids"] != scorer.tokenize(chat):
             raise OwnlmError(f"{file}: llama.cpp tokenizes the chat template's special tokens differently")
-        return check_gate(fmt, parity_card(reference, scorer, tok, context=context), runtime="llama.cpp")
+        return check_gate(fmt, parity_card(reference, scorer), runtime="llama.cpp")
     finally:
         scorer.close()
 
@@ -123,7 +122,7 @@ def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict
     from ownlm.compress import llama_cpp
     from ownlm.compress.gguf_export import write_gguf
     from ownlm.compress.hf_export import write_hf
-    from ownlm.compress.parity import check_gate, parity_card
+    from ownlm.compress.parity import Reference, check_gate, parity_card
     from ownlm.core.artifacts import sha256_tree, stage_dir
     from ownlm.models import load_model
 
@@ -152,10 +151,11 @@ def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict
         reference = load_model(model_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         context = min(cfg.context, reference.config.max_position_embeddings)
-        card = check_gate(fmt, parity_card(reference, candidate, tok, context=context))
+        reference = Reference(reference, tok, context=context)  # scored once for both cards
+        card = check_gate(fmt, parity_card(reference, candidate))
         if cfg.format == "gguf" and cfg.llama_cpp:
             if llama_cpp.available():
-                info["parity_llama_cpp"] = _llama_cpp_card(w.tmp / info["file"], reference, tok, fmt, context)
+                info["parity_llama_cpp"] = _llama_cpp_card(w.tmp / info["file"], reference, fmt, context)
             else:  # said, so that nobody takes the transformers card for llama.cpp's
                 info["parity_llama_cpp"] = {"skipped": "llama-cpp-python is not installed (make llama-cpp)"}
         size = sum(p.stat().st_size for p in w.tmp.rglob("*") if p.is_file())

@@ -173,10 +173,10 @@ def write_gguf(model_dir: Path, out_file: Path, fmt: str, *, name: str | None = 
     # end of a turn (the stop ids of generation_config beyond EOS) as llama.cpp's `eot`.
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "unk": tok.unk_token_id}
     special.special_token_ids = {k: v for k, v in ids.items() if v is not None}
-    stops = getattr(GenerationConfig.from_model_config(config), "eos_token_id", None)
-    gen_file = model_dir / "generation_config.json"
-    if gen_file.is_file():
-        stops = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id", stops)
+    try:
+        stops = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    except OSError:  # no generation_config.json
+        stops = config.eos_token_id
     stops = [stops] if isinstance(stops, int) else list(stops or [])
     eot = [i for i in stops if i != tok.eos_token_id]
     if eot:

@@ -151,20 +151,42 @@ def _scorer(model) -> Scorer:
     return model if hasattr(model, "greedy") else HFScorer(model)
 
 
-def parity_card(reference, candidate, tokenizer, *, context: int = 256) -> dict:
-    """The card for `candidate` against `reference`: transformers models or `Scorer`s (llama.cpp's
-    is `ownlm.compress.llama_cpp.LlamaCppScorer`), on the same tokenizer."""
+class Reference:
+    """The source model's side of every card, computed once however many candidates are scored
+    against it (an export checks itself in transformers and in llama.cpp)."""
+
+    def __init__(self, model, tokenizer, *, context: int = 256) -> None:
+        self.scorer, self.tokenizer = _scorer(model), tokenizer
+        self.windows = _windows(tokenizer(parity_text())["input_ids"], max(8, context))
+        self.prompts = [prompt_ids(tokenizer, p) for p in parity_prompts()]
+        stops = self.scorer.stop_ids() if isinstance(self.scorer, HFScorer) else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.banned = sorted({*stops, *eos})
+        self._logprobs: list[torch.Tensor] | None = None
+        self._replies: list[list[int]] | None = None
+
+    def logprobs(self) -> list[torch.Tensor]:
+        if self._logprobs is None:
+            self._logprobs = [self.scorer.logits(w)[:-1].log_softmax(-1) for w in self.windows]
+        return self._logprobs
+
+    def replies(self) -> list[list[int]]:
+        if self._replies is None:
+            self._replies = self.scorer.greedy(self.prompts, GREEDY_TOKENS, self.banned)
+        return self._replies
+
+
+def parity_card(reference: Reference, candidate) -> dict:
+    """The card for `candidate` (a transformers model or a `Scorer`: llama.cpp's is
+    `ownlm.compress.llama_cpp.LlamaCppScorer`) against `reference`, on the same tokenizer."""
     import torch
 
-    reference, candidate = _scorer(reference), _scorer(candidate)
-    ids = tokenizer(parity_text())["input_ids"]
-    size = max(8, context)
+    candidate = _scorer(candidate)
     nll_ref = nll_cand = 0.0
     klds: list[torch.Tensor] = []
     same = n = 0
     shifts: list[torch.Tensor] = []  # how much the conversion moved each top-2 margin on the text
-    for w in _windows(ids, size):
-        ref = reference.logits(w)[:-1].log_softmax(-1)
+    for w, ref in zip(reference.windows, reference.logprobs(), strict=True):
         cand = candidate.logits(w)[:-1].log_softmax(-1)
         if cand.shape != ref.shape:
             raise OwnlmError(
@@ -187,13 +209,11 @@ def parity_card(reference, candidate, tokenizer, *, context: int = 256) -> dict:
     margin_shift = float(torch.cat(shifts).quantile(0.99))
     ppl_ref, ppl_cand = math.exp(nll_ref / n), math.exp(nll_cand / n)
     agree, identical, ties = [], 0, 0
-    prompts = [prompt_ids(tokenizer, p) for p in parity_prompts()]
-    stops = reference.stop_ids() if isinstance(reference, HFScorer) else []
-    banned = sorted({*stops, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    banned = reference.banned
     replies = zip(
-        prompts,
-        reference.greedy(prompts, GREEDY_TOKENS, banned),
-        candidate.greedy(prompts, GREEDY_TOKENS, banned),
+        reference.prompts,
+        reference.replies(),
+        candidate.greedy(reference.prompts, GREEDY_TOKENS, banned),
         strict=True,
     )
     for prompt, a, b in replies:
@@ -201,7 +221,7 @@ def parity_card(reference, candidate, tokenizer, *, context: int = 256) -> dict:
         agree.append(prefix / len(a))
         identical += a == b
         if a != b:  # a near-tie when the source's own margin there is within the conversion's noise
-            lp = reference.logits(prompt + a[:prefix])[-1].log_softmax(-1)
+            lp = reference.scorer.logits(prompt + a[:prefix])[-1].log_softmax(-1)
             margin = float(lp[a[prefix]] - lp[b[prefix]])
             ties += 0 <= margin <= margin_shift and b[prefix] not in banned
     return {
@@ -218,7 +238,7 @@ def parity_card(reference, candidate, tokenizer, *, context: int = 256) -> dict:
         "greedy_identical_or_tied": identical + ties,
         "top2_margin_shift_p99": margin_shift,
         "computed_in": "float32",
-        "greedy_prompts": len(prompts),
+        "greedy_prompts": len(reference.prompts),
         "greedy_tokens": GREEDY_TOKENS,
     }
 

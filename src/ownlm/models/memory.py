@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch stays out of the API process, which prints `memory_line`
-    import torch
     from torch import nn
 
 
@@ -43,14 +42,8 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    import torch
-
-    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def memory_line(weights: int, kv_bytes: int, kv_tokens: int, per_token: int) -> str:
-    mib = 2**20
+def memory_line(weights: int, kv_bytes: int, per_token: int) -> str:
+    mib, kv_tokens = 2**20, kv_bytes // max(1, per_token)
     return (
         f"memory per instance: weights {weights / mib:.1f} MiB + KV cache {kv_bytes / mib:.1f} MiB "
         f"({kv_tokens} tokens × {per_token / 1024:.1f} KiB) = {(weights + kv_bytes) / mib:.1f} MiB"
