@@ -94,7 +94,7 @@ def test_docs_prefers_debian_rest_sources(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_docstring_pages_render_signatures() -> None:
-    pages = {r["id"]: r["text"] for r in dc._docstring_pages() if r["id"].startswith("docstrings/json")}
+    pages = {r["id"]: r["text"] for r in dc.docstring_pages() if r["id"].startswith("docstrings/json")}
     assert pages["docstrings/json"].startswith("# json\n\nJSON (JavaScript Object Notation)")
     assert "\n## json.dumps(obj, *, skipkeys=False" in pages["docstrings/json"]
     decoder = pages["docstrings/json.decoder"]

@@ -141,7 +141,7 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(model_dir, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(OwnlmError, match="exists and is not an ownlm export"):
+    with pytest.raises(OwnlmError, match="exists and is not an ownlm export artifact"):
         export_model(model_dir, mine, ExportConfig(format="gguf", type="f32"))
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     export_model(model_dir, tmp_path / "done", ExportConfig(format="hf"))

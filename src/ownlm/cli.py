@@ -410,6 +410,42 @@ def export(
 
 @app.command()
 @user_errors
+def quantize(
+    model: Annotated[
+        str, typer.Argument(help="A run directory (its most trained model), an HF directory or a GGUF file.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The quantized model's artifact directory.")],
+    method: Annotated[str, typer.Option(help="int8-dynamic, bf16 or int4-weight.")] = "int8-dynamic",
+    calibration: Annotated[
+        Path | None, typer.Option(help="JSONL ('text' or 'messages' per line) to calibrate on.")
+    ] = None,
+    speed: Annotated[bool, typer.Option(help="Measure engine tokens/s against the source.")] = True,
+) -> None:
+    """Quantize a model for CPU serving, checked against it: a parity card (gated), speed, memory."""
+    from pydantic import ValidationError
+
+    from ownlm.compress.parity import format_card
+    from ownlm.compress.quantize import QuantizeConfig, quantize_model
+    from ownlm.models.memory import memory_line
+
+    try:
+        cfg = QuantizeConfig(method=method, calibration=calibration, speed=speed)
+    except ValidationError as e:
+        raise OwnlmError(f"--method {method}: {e.errors()[0]['msg']}") from None
+    m = quantize_model(model, out, cfg)
+    print(f"{out}: {m['method']}, {m['size_mb']:.1f} MB on disk (source {m['source_size_mb']:.1f} MB)")
+    print(f"parity: {format_card(m['parity'])} (gate passed)")
+    mem = m["memory"]
+    print(memory_line(mem["weights_bytes"], mem["kv_cache_bytes"], mem["kv_bytes_per_token"]))
+    for rows, s in m.get("speed", {}).items():
+        print(
+            f"engine decode at {rows}: {s['tokens_per_s']:.1f} tokens/s, {s['ratio']:.2f}x the source's fp32"
+        )
+    print(f"serve it: ownlm serve {out}")
+
+
+@app.command()
+@user_errors
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/NAME).")]) -> None:
     """Write the run's report card, runs/NAME/report.html: metrics, curves and a sample per stage."""
     from ownlm.report import write_report

@@ -40,7 +40,8 @@ class ExportConfig(StrictModel):
         return self.type or ("f16" if self.format == "gguf" else "f32")
 
 
-def _source_dir(source: str | Path) -> Path:
+def model_source(source: str | Path) -> Path:
+    """The HF directory of what is to be exported or quantized; an export or quantized model is refused."""
     from ownlm.core.artifacts import read_manifest
     from ownlm.models import most_trained_model, resolve_model_dir
 
@@ -68,14 +69,15 @@ def _model_name(source: str | Path) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def _check_out(out: Path, model_dir: Path) -> None:
+def check_out(out: Path, model_dir: Path, stage: str) -> None:
+    """--out must not hold the source, and be empty or an earlier artifact of the same stage."""
     from ownlm.core.artifacts import read_manifest
 
     if out.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out.resolve()):
         raise OwnlmError(f"--out {out}: would overwrite the model being exported")
     occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if occupied and (read_manifest(out) or {}).get("stage") != "export":
-        raise OwnlmError(f"--out {out}: exists and is not an ownlm export; nothing was overwritten")
+    if occupied and (read_manifest(out) or {}).get("stage") != stage:
+        raise OwnlmError(f"--out {out}: exists and is not an ownlm {stage} artifact; nothing was overwritten")
 
 
 # Texts whose tokenization llama.cpp must reproduce, beside the parity text and prompts: digits (split
@@ -127,8 +129,8 @@ def export_model(source: str | Path, out: str | Path, cfg: ExportConfig) -> dict
     from ownlm.models import load_model
 
     out = Path(out)
-    model_dir = _source_dir(source)
-    _check_out(out, model_dir)
+    model_dir = model_source(source)
+    check_out(out, model_dir, "export")
     fmt = cfg.resolved_type()
     config = {"export": {**cfg.model_dump(), "type": fmt}, "source": str(source)}
     with stage_dir(out, "export", config, {"source": sha256_tree(model_dir)}) as w:

@@ -69,6 +69,10 @@ GATES: dict[str, Gate] = {
     "q5_1": Gate(0.05, 0.85),
     "q4_0": Gate(0.1, 0.80),
     "q4_1": Gate(0.1, 0.80),
+    "int4": Gate(0.1, 0.80),
+    # `ownlm quantize --method bf16` computes in bf16 too: the activations' rounding adds to the
+    # weights' (SmolLM2-135M: KLD 9.8e-4, same top 97.6%, against 2.2e-4 with bf16 weights alone).
+    "bf16-compute": Gate(2e-3, 0.97),
 }
 
 
@@ -243,9 +247,10 @@ def parity_card(reference: Reference, candidate) -> dict:
     }
 
 
-def check_gate(fmt: str, card: dict, runtime: str | None = None) -> dict:
-    """The gate's verdict, added to the card; an OwnlmError with the figures when it fails.
-    `runtime`: the program that ran the file, when not transformers (see `Gate.failures`)."""
+def check_gate(fmt: str, card: dict, runtime: str | None = None, *, enforce: bool = True) -> dict:
+    """The gate's verdict, added to the card; an OwnlmError with the figures when it fails (unless
+    not `enforce`d: benchmarks measure what fails too). `runtime`: the program that ran the file,
+    when not transformers (see `Gate.failures`)."""
     gate = GATES[fmt]
     failed = gate.failures(card, runtime=runtime is not None)
     card["gate"] = {
@@ -253,8 +258,9 @@ def check_gate(fmt: str, card: dict, runtime: str | None = None) -> dict:
         **gate.__dict__,
         "runtime": runtime or "transformers",
         "passed": not failed,
+        "failures": failed,
     }
-    if failed:
+    if failed and enforce:
         where = f" in {runtime}" if runtime else ""
         raise OwnlmError(
             f"{fmt}: the parity gate failed{where} ({'; '.join(failed)}); nothing was written. "

@@ -146,11 +146,11 @@ def _docs(notes: dict[str, str]) -> Iterator[Record]:
             yield _rec(f"pydoc/{rel}", text, "docs", "python3.11-doc", "PSF-2.0", path=rel)
         return
     notes["docs"] = "stdlib docstrings + installed distributions' READMEs (python3.11-doc not installed)"
-    yield from _docstring_pages()
+    yield from docstring_pages()
     yield from _readmes()
 
 
-def _docstring_pages() -> Iterator[Record]:
+def docstring_pages() -> Iterator[Record]:
     for rel, source in _stdlib_sources():
         module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
         try:

@@ -184,7 +184,11 @@ def check_batched_forward(
         cache.budget_tokens = budget
     got = torch.cat([first, mixed, last]).float()
     want = torch.stack([ref[0][5], ref[0][6], ref[1][2], ref[1][3]]).float()
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    # int8 activations round per token, and the two paths' fp32 sums may land a value on either side
+    # of an int8 step: quantized models get bf16's tolerance. Structural errors (a wrong mask or
+    # position) move logits by O(1).
+    quantized = getattr(model.config, "ownlm_quantization", None) is not None
+    tol = 1e-3 if dtype == torch.float32 and not quantized else 5e-2
     err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
     if not err <= tol:
         raise OwnlmError(

@@ -36,6 +36,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ownlm.engine.packed_linear import PackedLinear, packing_supported
 from ownlm.models.attention import additive_mask, sdpa_gqa
+from ownlm.models.quantized_linear import quantized_module
 
 # Decoder layers identical to Llama's: pre-norm RMSNorm, q/k/v (optional bias), rotary, o_proj,
 # residual, RMSNorm, gated MLP, residual.
@@ -65,7 +66,7 @@ def fusable(model: nn.Module) -> str | None:
 class FusedPart(nn.Module):
     """Columns [start, end) of a fused GEMM, standing in for the layer they came from."""
 
-    def __init__(self, fused: PackedLinear, start: int, end: int):
+    def __init__(self, fused: nn.Module, start: int, end: int):
         super().__init__()
         self.fused, self.start, self.end = fused, start, end
 
@@ -73,16 +74,19 @@ class FusedPart(nn.Module):
         return self.fused(x)[..., self.start : self.end]
 
 
-def _fuse(parent_names: list[tuple[nn.Module, str]]) -> PackedLinear:
-    """One prepacked GEMM for several linears of the same input; they become FusedParts."""
+def _fuse(parent_names: list[tuple[nn.Module, str]]) -> nn.Module:
+    """One prepacked GEMM (int8/int4 for a quantized model) for several linears of the same input;
+    they become FusedParts."""
     lins = [getattr(p, n) for p, n in parent_names]
-    out_features, bias = sum(x.out_features for x in lins), lins[0].bias is not None
-    fused = nn.utils.skip_init(nn.Linear, lins[0].in_features, out_features, bias=bias)
-    with torch.no_grad():
-        fused.weight = nn.Parameter(torch.cat([x.weight for x in lins]), requires_grad=False)
-        if fused.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([x.bias for x in lins]), requires_grad=False)
-    packed = PackedLinear(fused)
+    packed = quantized_module(lins)
+    if packed is None:
+        out_features, bias = sum(x.out_features for x in lins), lins[0].bias is not None
+        fused = nn.utils.skip_init(nn.Linear, lins[0].in_features, out_features, bias=bias)
+        with torch.no_grad():
+            fused.weight = nn.Parameter(torch.cat([x.weight for x in lins]), requires_grad=False)
+            if fused.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([x.bias for x in lins]), requires_grad=False)
+        packed = PackedLinear(fused)
     start = 0
     for (parent, name), lin in zip(parent_names, lins, strict=True):
         setattr(parent, name, FusedPart(packed, start, start + lin.out_features))

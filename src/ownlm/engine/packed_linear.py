@@ -18,7 +18,8 @@ when it just serves (`Engine.from_pretrained`, which owns the model it loads); o
 (`generation.sample_completions`: pairs, CAI, evaluation, PPO rollouts) packs for the duration of
 the call with `packed_linears` and puts the trainable layers back. Tied weights (lm_head =
 embeddings) keep the embedding and add one packed copy. A torch build without these ops, a non-CPU
-device, an unsupported dtype or LoRA adapters leave the model unchanged.
+device, an unsupported dtype or LoRA adapters leave the model unchanged. A layer of an `ownlm quantize`
+model becomes its int8 or int4 kernel instead (`prepacked`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
+def prepacked(linear: nn.Linear) -> nn.Module:
+    """The serving form of one layer: its quantized kernel when it carries quantized weights
+    (`ownlm.models.quantized_linear`), else a PackedLinear."""
+    from ownlm.models.quantized_linear import quantized_module
+
+    return quantized_module([linear]) or PackedLinear(linear)
 
 
 def packing_supported(model: nn.Module) -> str | None:
@@ -87,7 +96,7 @@ def pack_linears(model: nn.Module) -> int:
     # it, so packing never holds two copies of the whole model (SmolLM2: +0.5 GB peak otherwise).
     slots = [(parent, name) for parent, name, _ in _linears(model)]
     for parent, name in slots:
-        setattr(parent, name, PackedLinear(getattr(parent, name)))
+        setattr(parent, name, prepacked(getattr(parent, name)))
     return len(slots)
 
 
@@ -111,7 +120,7 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
     try:
         with torch.no_grad():
             for parent, name, child in targets:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, prepacked(child))
         yield len(targets)
     finally:
         for parent, name, child in targets:

@@ -11,6 +11,7 @@ from pathlib import Path
 from ownlm.core.artifacts import read_manifest, sha256_file, stage_dir
 from ownlm.core.errors import OwnlmError
 from ownlm.models.llama import count_params
+from ownlm.models.quantized_checkpoint import inference_dtype, load_quantized, quantization_of
 
 
 def gguf_cache_root() -> Path:
@@ -108,9 +109,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
-    """Load an HF directory or a GGUF file as a causal LM, with the attention variant its config
-    names (or `variant`)."""
-    import torch
+    """Load an HF directory, an `ownlm quantize` directory or a GGUF file as a causal LM, with the
+    attention variant its config names (or `variant`), in `dtype` (default: fp32, or bf16 for bf16
+    and int4 artifacts)."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -119,9 +120,12 @@ def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
     p = resolve_model_dir(path)
     config = AutoConfig.from_pretrained(str(p))
     chosen = variant or getattr(config, "attention_variant", "dense")
+    dtype = dtype or inference_dtype(p)
+    if quantization_of(p) is not None:
+        return load_quantized(p, dtype=dtype, attn_implementation=attn_implementation(chosen))
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(p), attn_implementation=attn_implementation(chosen), dtype=dtype or torch.float32
+            str(p), attn_implementation=attn_implementation(chosen), dtype=dtype
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a corrupt file is SafetensorError
         raise OwnlmError(f"{p}: cannot load model: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,150 @@
+"""The on-disk form of an `ownlm quantize` model, and loading it.
+
+An HF directory (config.json, tokenizer, generation config, one model.safetensors) whose quantized
+linears are stored as integers:
+
+    <linear>.weight          int8 [out, in]            (int8-dynamic; outlier columns zero)
+                             uint8 [out, in / 2]       (int4-weight: two values per byte, low first)
+    <linear>.weight_scale    fp32 [out] | [out, in / 32]
+    <linear>.outlier_idx     int64 [k]                 (int8-dynamic: input channels kept in fp32)
+    <linear>.outlier_weight  fp32 [out, k]
+
+and config.json says so in `quantization_config` (`quant_method: "ownlm"`), which
+`ownlm.models.load_model` reads. Known gap: plain transformers 5.24 does not refuse an unknown
+quant_method, so it would load the int8 codes as weights; a layout transformers either reads right
+(compressed-tensors) or refuses is still to do. With tied embeddings only the head is stored
+and the embedding is its dequantized copy (as GGUF's quantized token_embd).
+
+Loaded, the model is an ordinary transformers model whose quantized linears hold their dequantized
+weights (so generate, the parity card and the offline samplers run it unchanged) and carry the
+integers in `linear.ownlm_quantized`; the engine's packing (`engine.packed_linear`) turns those
+into `quantized_linear` modules. A bf16 model needs none of this: it is a plain HF directory in
+bf16 with `ownlm_inference_dtype: "bfloat16"` in its config, so ownlm runs it in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ownlm.core.errors import OwnlmError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+QUANT_METHOD = "ownlm"
+METHODS = ("int8-dynamic", "int4-weight")
+
+
+def quantization_of(model_dir: Path) -> dict | None:
+    """The directory's ownlm quantization_config, or None for a plain model."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    q = cfg.get("quantization_config")
+    if q and q.get("quant_method") == QUANT_METHOD:
+        return q
+    return None
+
+
+def inference_dtype(model_dir: Path):
+    """The dtype ownlm runs this directory in unless told otherwise: bf16 for bf16 and int4
+    artifacts (the int4 kernel computes in bf16), else fp32."""
+    import torch
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    q = quantization_of(model_dir)
+    if (q and q["method"] == "int4-weight") or cfg.get("ownlm_inference_dtype") == "bfloat16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def _unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    lo, hi = (p & 0xF).to(torch.int8), (p >> 4).to(torch.int8)
+    q = torch.stack([lo, hi], -1).view(p.shape[0], -1)
+    return torch.where(q > 7, q - 16, q)
+
+
+def quantized_state_dict(model: nn.Module, weights: dict) -> dict[str, torch.Tensor]:
+    """`model`'s tensors to save, with `weights` (linear name -> Int8Weight | Int4Weight) as integers."""
+    from ownlm.models.quantized_linear import Int8Weight
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):  # one copy: the head's if quantized
+        embed = next(k for k in state if k.endswith("embed_tokens.weight"))
+        state.pop(embed if "lm_head" in weights else "lm_head.weight", None)
+    for name, w in weights.items():
+        if isinstance(w, Int8Weight):
+            state[f"{name}.weight"] = w.q.contiguous()
+            state[f"{name}.outlier_idx"] = w.outlier_idx.clone()  # own storage: shared by q/k/v
+            state[f"{name}.outlier_weight"] = w.outlier_w.contiguous()
+        else:
+            state[f"{name}.weight"] = _pack_nibbles(w.q).contiguous()
+        state[f"{name}.weight_scale"] = w.scale.float().contiguous()
+    return state
+
+
+def load_quantized(model_dir: Path, *, dtype, attn_implementation: str) -> nn.Module:
+    """The model of an `ownlm quantize` directory (see the module docstring)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from ownlm.models.quantized_linear import Int4Weight, Int8Weight
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    q = config.quantization_config
+    if q.get("method") not in METHODS:
+        raise OwnlmError(
+            f"{model_dir}/config.json: quantization method {q.get('method')!r} is not one of {METHODS}"
+        )
+    del config.quantization_config
+    file = model_dir / "model.safetensors"
+    try:
+        state = load_file(str(file))
+    except (OSError, SafetensorError) as e:
+        raise OwnlmError(f"{file}: cannot read: {e}") from None
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    quantized: dict[str, Int8Weight | Int4Weight] = {}
+    for name in [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]:
+        try:
+            scale, codes = state.pop(f"{name}.weight_scale"), state.pop(f"{name}.weight")
+            if q["method"] == "int8-dynamic":
+                w = Int8Weight(
+                    codes, scale, state.pop(f"{name}.outlier_idx"), state.pop(f"{name}.outlier_weight")
+                )
+            else:
+                w = Int4Weight(_unpack_nibbles(codes), scale)
+        except KeyError as e:
+            raise OwnlmError(f"{file}: {name} lacks {e.args[0]}") from None
+        quantized[name] = w
+        state[f"{name}.weight"] = w.dequantized()
+    tied = getattr(config, "tie_word_embeddings", False)
+    embed = next((k for k in model.state_dict() if k.endswith("embed_tokens.weight")), None)
+    if tied:  # one of the two is stored (`quantized_state_dict`)
+        state.setdefault(embed, state.get("lm_head.weight"))
+        state.setdefault("lm_head.weight", state[embed])
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise OwnlmError(
+            f"{file}: does not match {model_dir}/config.json: {str(e).splitlines()[0]}"
+        ) from None
+    if tied:
+        model.tie_weights()
+    for name, w in quantized.items():
+        model.get_submodule(name).ownlm_quantized = w
+    model.config.ownlm_quantization = dict(q)  # in memory only: said by `ownlm serve` and reports
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    return model.eval()

@@ -1,0 +1,145 @@
+"""`ownlm quantize`: int8-dynamic, bf16 and int4-weight artifacts of a real (tiny) trained model,
+checked by their parity card, loaded back by `load_model` and run by the engine's kernels; bad
+input leaves nothing behind."""
+
+import json
+
+import pytest
+
+from conftest import ownlm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained_run):
+    return trained_run.run_dir / "pretrain"
+
+
+@pytest.fixture(scope="module")
+def int8_dir(model_dir, tmp_path_factory):
+    from ownlm.compress.quantize import QuantizeConfig, quantize_model
+
+    out = tmp_path_factory.mktemp("q") / "int8"
+    quantize_model(model_dir, out, QuantizeConfig(method="int8-dynamic"))
+    return out
+
+
+def test_int8_linear_matches_fp32_and_is_batch_invariant():
+    import torch
+
+    from ownlm.models.quantized_linear import Int8DynamicLinear, quantize_int8
+
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(8, 64)
+    x[:, 5] *= 40  # an outlier channel, kept in fp32
+    layer = Int8DynamicLinear(quantize_int8(w, torch.tensor([5])), bias)
+    want = x @ w.T + bias
+    got = layer(x)
+    assert ((got - want).abs().max() / want.abs().max()) < 0.02
+    assert torch.allclose(layer(x[3:4]), got[3:4], atol=1e-5)  # a row does not depend on its batch
+    no_outlier = Int8DynamicLinear(quantize_int8(w, torch.zeros(0, dtype=torch.long)), bias)(x)
+    assert (no_outlier - want).abs().max() > 3 * (got - want).abs().max()
+
+
+def test_int4_weight_round_trips_through_the_kernel():
+    import torch
+
+    from ownlm.models.quantized_checkpoint import _pack_nibbles, _unpack_nibbles
+    from ownlm.models.quantized_linear import Int4WeightLinear, quantize_int4
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q = quantize_int4(w)
+    assert int(q.q.min()) >= -8 and int(q.q.max()) <= 7
+    assert torch.equal(_unpack_nibbles(_pack_nibbles(q.q)), q.q)
+    x = torch.randn(4, 128)
+    want = x @ q.dequantized().T
+    got = Int4WeightLinear(q, None)(x).float()
+    assert ((got - want).abs().max() / want.abs().max()) < 0.02  # bf16 activations
+
+
+def test_int8_artifact_passes_its_gate_loads_and_serves(model_dir, int8_dir):
+    import torch
+    from safetensors import safe_open
+
+    from ownlm.engine.core import Engine
+    from ownlm.engine.sampling_params import SamplingParams
+    from ownlm.models import load_model
+    from ownlm.models.quantized_linear import Int8DynamicLinear
+
+    m = json.loads((int8_dir / "manifest.json").read_text())
+    assert m["stage"] == "quantize"
+    metrics = m["metrics"]
+    card = metrics["parity"]
+    assert card["gate"]["passed"] and card["gate"]["format"] == "int8"
+    assert card["kld_mean"] <= 0.01 and card["same_top"] >= 0.95
+    assert metrics["size_mb"] < 0.6 * metrics["source_size_mb"]
+    assert metrics["memory"]["weights_bytes"] < metrics["source_weights_bytes"]
+    assert set(metrics["speed"]) == {"c1", "c32"} and metrics["speed"]["c32"]["tokens_per_s"] > 0
+    with safe_open(str(int8_dir / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.int8
+        hidden = json.loads((int8_dir / "config.json").read_text())["hidden_size"]
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.outlier_idx").numel() == min(32, hidden // 8)
+    model = load_model(int8_dir)
+    assert model.config.ownlm_quantization["method"] == "int8-dynamic"
+    assert model.model.layers[0].mlp.down_proj.ownlm_quantized.q.dtype == torch.int8
+    engine = Engine.from_pretrained(int8_dir)
+    kernels = [x for x in engine.model.modules() if isinstance(x, Int8DynamicLinear)]
+    assert len(kernels) >= 3 * len(engine.model.model.layers) + 1  # fused qkv, o, gate/up, down; head
+    out = engine.generate([[1, 2, 3]], [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)])
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_bf16_and_int4_artifacts(model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ownlm.compress.quantize import QuantizeConfig, quantize_model
+    from ownlm.models import load_model
+
+    bf16 = quantize_model(model_dir, tmp_path / "bf16", QuantizeConfig(method="bf16", speed=False))
+    assert bf16["parity"]["gate"]["format"] == "bf16-compute" and bf16["parity"]["kld_mean"] <= 2e-3
+    assert load_model(tmp_path / "bf16").dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16  # plain HF
+    cfg = QuantizeConfig(method="int4-weight", speed=False, enforce_gate=False)
+    int4 = quantize_model(model_dir, tmp_path / "int4", cfg)
+    assert int4["parity"]["gate"]["format"] == "int4" and int4["size_mb"] < bf16["size_mb"]
+    assert int4["parity"]["kld_mean"] > bf16["parity"]["kld_mean"]
+    model = load_model(tmp_path / "int4")
+    assert model.dtype == torch.bfloat16 and hasattr(model.model.layers[0].mlp.up_proj, "ownlm_quantized")
+
+
+def test_bad_input_is_refused_and_nothing_is_written(model_dir, int8_dir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ownlm.compress.quantize import QuantizeConfig, quantize_model
+    from ownlm.core.errors import OwnlmError
+    from ownlm.models import load_model
+
+    with pytest.raises(OwnlmError, match="already quantized"):
+        quantize_model(int8_dir, tmp_path / "again", QuantizeConfig(speed=False))
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(gpt2)
+    (gpt2 / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text())
+    with pytest.raises(OwnlmError, match="GPT2LMHeadModel is not supported"):
+        quantize_model(gpt2, tmp_path / "g", QuantizeConfig(speed=False))
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(OwnlmError, match=r"calib.jsonl:2"):
+        quantize_model(model_dir, tmp_path / "c", QuantizeConfig(calibration=bad, speed=False))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    r = ownlm("quantize", str(model_dir), "--out", str(occupied), "--no-speed", cwd=tmp_path)
+    assert r.returncode != 0 and "not an ownlm quantize artifact" in r.stderr
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    assert not any((tmp_path / n).exists() for n in ("again", "g", "c"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in int8_dir.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(OwnlmError, match="model.safetensors: cannot read"):
+        load_model(corrupt)
