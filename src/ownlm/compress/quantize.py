@@ -204,27 +204,26 @@ def shared_lead(name: str) -> str:
     return next((name[: -len(a)] + b for a, b in SHARED_INPUT.items() if name.endswith(a)), name)
 
 
-def decode_tokens_per_s(model: nn.Module, tokenizer, rows: int, tokens: int = 32) -> float:
-    """Output tokens/s of the engine decoding `rows` sequences at once, `tokens` each, after a
-    warm-up pass. The model's linears must already be prepacked (`packed_linears`), as
-    `ownlm serve` runs them."""
+def decode_tokens_per_s(path: Path, rows: int, tokens: int = 32) -> float:
+    """Output tokens/s of the engine `ownlm serve` builds for `path` (fused runner, prepacked or
+    quantized kernels) decoding `rows` sequences at once, `tokens` each, after a warm-up pass."""
     from ownlm.engine.core import Engine, EngineConfig
     from ownlm.engine.sampling_params import SamplingParams
 
-    prompt = tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    engine = Engine.from_pretrained(path, config=EngineConfig(max_num_seqs=rows, kv_cache_tokens=rows * 128))
+    prompt = engine.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
     params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * rows
-    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=rows, kv_cache_tokens=rows * 128))
     engine.generate([list(prompt)] * rows, params)
     start = time.perf_counter()
     engine.generate([list(prompt)] * rows, params)
     return rows * tokens / (time.perf_counter() - start)
 
 
-def serving_memory(model: nn.Module, tokenizer) -> dict[str, int]:
-    """What `ownlm serve` would hold for this (prepacked) model: weights and its default KV budget."""
+def serving_memory(path: Path) -> dict[str, int]:
+    """What `ownlm serve` holds for `path`: its weights as held and its default KV budget."""
     from ownlm.engine.core import Engine, EngineConfig
 
-    return Engine(model, tokenizer, EngineConfig(self_check=False)).memory
+    return Engine.from_pretrained(path, config=EngineConfig(self_check=False)).memory
 
 
 def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> dict:
@@ -278,18 +277,19 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
             card = check_gate(
                 GATE_OF[cfg.method], parity_card(reference, candidate), enforce=cfg.enforce_gate
             )
-            info["memory"] = serving_memory(candidate, tok)
-            info["source_weights_bytes"] = serving_memory(source_model, tok)["weights_bytes"]
-            if cfg.speed:
-                info["speed"] = {}
-                for rows in (1, 32):
-                    fp32 = decode_tokens_per_s(source_model, tok, rows)
-                    quant = decode_tokens_per_s(candidate, tok, rows)
-                    info["speed"][f"c{rows}"] = {
-                        "tokens_per_s": quant,
-                        "source_tokens_per_s": fp32,
-                        "ratio": quant / fp32,
-                    }
+        info["memory"] = serving_memory(w.tmp)
+        info["source_weights_bytes"] = serving_memory(model_dir)["weights_bytes"]
+        if cfg.speed:  # both as `ownlm serve` runs them, one after the other
+            info["speed"] = {}
+            for rows in (1, 32):
+                fp32 = decode_tokens_per_s(model_dir, rows)
+                quant = decode_tokens_per_s(w.tmp, rows)
+                ratio = quant / fp32
+                info["speed"][f"c{rows}"] = {
+                    "tokens_per_s": quant,
+                    "source_tokens_per_s": fp32,
+                    "ratio": ratio,
+                }
         size = sum(p.stat().st_size for p in w.tmp.rglob("*") if p.is_file())
         source_size = sum(p.stat().st_size for p in model_dir.rglob("*.safetensors"))
         w.metrics = {

@@ -108,7 +108,8 @@ class Int8DynamicLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         inliers = x2.index_fill(1, self.outlier_idx, 0.0) if len(self.outlier_idx) else x2
-        s = torch.linalg.vector_norm(inliers, float("inf"), -1, keepdim=True).clamp_(min=1e-8).div_(127)
+        # abs().amax(): linalg.vector_norm(inf) is 12x slower at 32 x 576 (60 against 5 µs)
+        s = inliers.abs().amax(-1, keepdim=True).clamp_(min=1e-8).div_(127)
         if hasattr(self, "packed"):
             q = torch.div(inliers, s).round_().add_(128).to(torch.uint8)
             y = torch.ops.onednn.qlinear_pointwise(
