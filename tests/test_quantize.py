@@ -60,6 +60,23 @@ def test_int4_weight_round_trips_through_the_kernel():
     assert ((got - want).abs().max() / want.abs().max()) < 0.02  # bf16 activations
 
 
+def test_int4_rounding_is_torchaos_fake_quantization():
+    """QAT trains against torchao's fake quantizer; what is served is quantize_int4's rounding."""
+    import torch
+    from torch import nn
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    from ownlm.models.quantized_linear import quantize_int4
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(256, 64))
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
+    quantize_(layer, QATConfig(weight_config=weight, step="prepare"))
+    w = layer[0].weight.detach()
+    assert torch.equal(layer[0].weight_fake_quantizer(w), quantize_int4(w).dequantized())
+
+
 def test_int8_artifact_passes_its_gate_loads_and_serves(model_dir, int8_dir):
     import torch
     from safetensors import safe_open
@@ -109,6 +126,40 @@ def test_bf16_and_int4_artifacts(model_dir, tmp_path):
     assert int4["parity"]["kld_mean"] > bf16["parity"]["kld_mean"]
     model = load_model(tmp_path / "int4")
     assert model.dtype == torch.bfloat16 and hasattr(model.model.layers[0].mlp.up_proj, "ownlm_quantized")
+
+
+def test_qat_int4_trains_and_beats_rounding(model_dir, tmp_path):
+    from ownlm.compress.quantize import QuantizeConfig, quantize_model
+    from ownlm.models import load_model
+
+    ptq = quantize_model(
+        model_dir, tmp_path / "ptq", QuantizeConfig(method="int4-weight", speed=False, enforce_gate=False)
+    )
+    qat = QuantizeConfig(method="qat-int4", speed=False, enforce_gate=False, qat={"steps": 40, "lr": 1e-3})
+    m = quantize_model(model_dir, tmp_path / "qat", qat)
+    assert m["qat"]["steps"] == 40 and m["qat"]["loss_last10"] < m["qat"]["loss_first"]
+    assert m["parity"]["gate"]["format"] == "int4"
+    # fine-tuned on other text than the card's, yet closer to the source than rounding alone
+    assert m["parity"]["perplexity"] < ptq["parity"]["perplexity"]
+    model = load_model(tmp_path / "qat")
+    assert model.config.ownlm_quantization["method"] == "int4-weight"
+
+
+def test_quantize_is_an_opt_in_recipe_stage(trained_run):
+    from ownlm.compress.quantize import QuantizeConfig
+    from ownlm.recipe import DEFAULT_STAGES
+    from ownlm.runner import run_recipe
+
+    assert "quantize" not in DEFAULT_STAGES
+    recipe = trained_run.model_copy(
+        update={"stages": [*trained_run.stages, "quantize"], "quantize": QuantizeConfig(speed=False)}
+    )
+    out = run_recipe(recipe)["quantize"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "quantize" and manifest["metrics"]["parity"]["gate"]["passed"]
+    made = (out / "manifest.json").stat().st_mtime_ns
+    run_recipe(recipe)  # up to date: not made again
+    assert (out / "manifest.json").stat().st_mtime_ns == made
 
 
 def test_bad_input_is_refused_and_nothing_is_written(model_dir, int8_dir, tmp_path):

@@ -372,12 +372,16 @@ def sample(
     )
 
 
+# What export and quantize start from.
+SourceModelArg = Annotated[
+    str, typer.Argument(help="A run directory (its most trained model), an HF directory or a GGUF file.")
+]
+
+
 @app.command()
 @user_errors
 def export(
-    model: Annotated[
-        str, typer.Argument(help="A run directory (its most trained model), an HF directory or a GGUF file.")
-    ],
+    model: SourceModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The export's artifact directory.")],
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="hf (a clean HF directory) or gguf (llama.cpp).")
@@ -411,11 +415,12 @@ def export(
 @app.command()
 @user_errors
 def quantize(
-    model: Annotated[
-        str, typer.Argument(help="A run directory (its most trained model), an HF directory or a GGUF file.")
-    ],
+    model: SourceModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The quantized model's artifact directory.")],
-    method: Annotated[str, typer.Option(help="int8-dynamic, bf16 or int4-weight.")] = "int8-dynamic",
+    method: Annotated[
+        str, typer.Option(help="int8-dynamic, bf16, int4-weight or qat-int4 (int4 after QAT).")
+    ] = "int8-dynamic",
+    qat_steps: Annotated[int, typer.Option(min=1, help="qat-int4: fine-tuning steps.")] = 100,
     calibration: Annotated[
         Path | None, typer.Option(help="JSONL ('text' or 'messages' per line) to calibrate on.")
     ] = None,
@@ -429,7 +434,7 @@ def quantize(
     from ownlm.models.memory import memory_line
 
     try:
-        cfg = QuantizeConfig(method=method, calibration=calibration, speed=speed)
+        cfg = QuantizeConfig(method=method, calibration=calibration, speed=speed, qat={"steps": qat_steps})
     except ValidationError as e:
         raise OwnlmError(f"--method {method}: {e.errors()[0]['msg']}") from None
     m = quantize_model(model, out, cfg)

@@ -24,6 +24,7 @@ from ownlm.core.errors import OwnlmError
 def _stage_types() -> dict[str, type[StrictModel]]:
     # Imported here so `ownlm --help` does not pay for torch/transformers.
     from ownlm.align.stage import AlignConfig
+    from ownlm.compress.quantize import QuantizeConfig
     from ownlm.data.clean import CleanConfig
     from ownlm.data.stage import DataConfig
     from ownlm.instruct.augment import AugmentConfig
@@ -45,17 +46,23 @@ def _stage_types() -> dict[str, type[StrictModel]]:
         "sft": SFTConfig,
         "safety": SafetyTrainConfig,
         "align": AlignConfig,
+        "quantize": QuantizeConfig,
     }
 
 
 # `safety` (the content classifier) needs no model of the run; it precedes `align`, whose
 # Constitutional AI labels and refusal judge use it.
-STAGES = ("data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "safety", "align")
-# `augment` (model-written instruction data) costs minutes of generation: a recipe opts in.
-DEFAULT_STAGES = tuple(s for s in STAGES if s != "augment")
+STAGES = (
+    "data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "safety", "align", "quantize",
+)  # fmt: skip
+# `augment` (model-written instruction data) costs minutes of generation, `quantize` (e.g. QAT)
+# minutes of fine-tuning: a recipe opts in.
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("augment", "quantize"))
 
 
-StageName = Literal["data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "safety", "align"]
+StageName = Literal[
+    "data", "clean", "tokenizer", "pretrain", "instruct", "augment", "sft", "safety", "align", "quantize"
+]
 
 
 class RecipeBase(StrictModel):

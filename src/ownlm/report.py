@@ -12,7 +12,7 @@ from ownlm.core.errors import OwnlmError
 
 # Artifact folders in pipeline order; alignment's sub-steps each have their own manifest.
 STAGES = ("data", "clean", "tokenizer", "shards", "pretrain", "instruct", "augment", "sft", "pairs", "reward",
-          "cai/sl_data", "cai/sl", "cai/pairs", "align")  # fmt: skip
+          "cai/sl_data", "cai/sl", "cai/pairs", "align", "quantize")  # fmt: skip
 
 
 def _fmt(v) -> str:

@@ -17,6 +17,7 @@ from ownlm.recipe import STAGES
 
 def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
     from ownlm.align.stage import run_align
+    from ownlm.compress.quantize import run_quantize
     from ownlm.data.clean import run_clean
     from ownlm.data.stage import run_data
     from ownlm.instruct.augment import run_augment
@@ -36,6 +37,7 @@ def run_recipe(recipe, force: bool = False) -> dict[str, Path]:
         "sft": run_sft,
         "safety": run_safety,
         "align": run_align,
+        "quantize": run_quantize,
     }
     wanted = set(recipe.stages)
     if not recipe.clean.enabled:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from ownlm.compress.qat import QATSettings
 from ownlm.core.config import StrictModel
 from ownlm.core.errors import OwnlmError
 
@@ -40,15 +41,15 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-Method = Literal["int8-dynamic", "bf16", "int4-weight"]
-GATE_OF = {"int8-dynamic": "int8", "bf16": "bf16-compute", "int4-weight": "int4"}
+Method = Literal["int8-dynamic", "bf16", "int4-weight", "qat-int4"]
+GATE_OF = {"int8-dynamic": "int8", "bf16": "bf16-compute", "int4-weight": "int4", "qat-int4": "int4"}
 # Layouts whose layers SmoothQuant can fold into (pre-norm RMSNorm before q/k/v and gate/up).
 LLAMA_LAYOUT = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 SHARED_INPUT = {".k_proj": ".q_proj", ".v_proj": ".q_proj", ".up_proj": ".gate_proj"}
 
 
 class QuantizeConfig(StrictModel):
-    method: Method = Field("int8-dynamic", description="int8-dynamic, bf16 or int4-weight.")
+    method: Method = Field("int8-dynamic", description="int8-dynamic, bf16, int4-weight or qat-int4.")
     smooth_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="int8: SmoothQuant's migration strength (0 = none)."
     )
@@ -57,6 +58,7 @@ class QuantizeConfig(StrictModel):
     calibration_samples: int = Field(128, ge=1, description="Calibration sequences.")
     calibration_tokens: int = Field(256, ge=8, description="Tokens per calibration sequence (at most).")
     context: int = Field(256, ge=8, description="Tokens per window of the parity text.")
+    qat: QATSettings = Field(default_factory=QATSettings, description="qat-int4: the fine-tuning.")
     speed: bool = Field(True, description="Measure engine decode tokens/s against the source.")
     enforce_gate: bool = Field(
         True, description="Fail (write nothing) when the parity card misses its gate; benchmarks turn it off."
@@ -71,18 +73,24 @@ def check_quantizable(model: nn.Module, method: str) -> None:
         )
 
 
-def calibration_texts(source: Path, tokenizer, cfg: QuantizeConfig) -> tuple[list[list[int]], str]:
-    """Token ids to calibrate on, and where they came from."""
+def calibration_texts(
+    source: Path, tokenizer, cfg: QuantizeConfig, samples: int | None = None, *, mixed: bool = False
+) -> tuple[list[list[int]], str]:
+    """Token ids to calibrate (or, for QAT, train) on, and where they came from: `--calibration`,
+    else the run's instruction chats, else Python's docstrings; `mixed` adds the docstrings to the
+    file's texts half and half (QAT learns the source's behaviour on more than chats)."""
     from ownlm.data.default_corpus import docstring_pages
 
+    want = samples or cfg.calibration_samples
     # A run's instruction data, given the run or one of its stages.
     run_chats = [d / "instruct" / "train.jsonl" for d in (Path(source), Path(source).parent)]
     file = cfg.calibration or next((f for f in run_chats if f.is_file()), None)
     texts: list[str | list] = []
+    where = []
     if file is not None:
         with open(file, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
-                if len(texts) >= cfg.calibration_samples:
+                if len(texts) >= (want // 2 if mixed else want):
                     break
                 try:
                     row = json.loads(line)
@@ -91,10 +99,10 @@ def calibration_texts(source: Path, tokenizer, cfg: QuantizeConfig) -> tuple[lis
                     raise OwnlmError(
                         f"{file}:{i}: expected a JSON object with 'text' or 'messages'"
                     ) from None
-        where = str(file)
-    else:
-        texts = [r["text"] for _, r in zip(range(cfg.calibration_samples), docstring_pages(), strict=False)]
-        where = "python standard-library docstrings"
+        where.append(str(file))
+    if file is None or mixed:
+        texts += [r["text"] for _, r in zip(range(want - len(texts)), docstring_pages(), strict=False)]
+        where.append("python standard-library docstrings")
     ids = []
     for t in texts:
         if isinstance(t, list) and tokenizer.chat_template:
@@ -104,8 +112,8 @@ def calibration_texts(source: Path, tokenizer, cfg: QuantizeConfig) -> tuple[lis
         if len(x) > 1:
             ids.append(list(x[: cfg.calibration_tokens]))
     if not ids:
-        raise OwnlmError(f"{where}: no calibration text")
-    return ids, where
+        raise OwnlmError(f"{' + '.join(where)}: no calibration text")
+    return ids, " + ".join(where)
 
 
 def input_ranges(model: nn.Module, batches: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -226,6 +234,28 @@ def serving_memory(path: Path) -> dict[str, int]:
     return Engine.from_pretrained(path, config=EngineConfig(self_check=False)).memory
 
 
+def stage_identity(source: str | Path, model_dir: Path, cfg: QuantizeConfig) -> tuple[dict, dict]:
+    """The artifact's config and inputs: what decides whether it must be made again."""
+    from ownlm.core.artifacts import sha256_tree
+
+    config = {"quantize": json.loads(cfg.model_dump_json()), "source": str(source)}
+    return config, {"source": sha256_tree(model_dir)}
+
+
+def run_quantize(recipe, force: bool = False) -> Path:
+    """The recipe's `quantize` stage (opt-in, after sft/align): the run's most trained model,
+    quantized (`recipe.quantize`, e.g. method qat-int4) into runs/NAME/quantize; skipped when up to
+    date."""
+    from ownlm.compress.export import model_source
+    from ownlm.core.artifacts import is_up_to_date
+
+    out = recipe.run_dir / "quantize"
+    config, inputs = stage_identity(recipe.run_dir, model_source(recipe.run_dir), recipe.quantize)
+    if force or not is_up_to_date(out, config, inputs):
+        quantize_model(recipe.run_dir, out, recipe.quantize)
+    return out
+
+
 def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> dict:
     """Write the quantized model to `out` and return its manifest metrics."""
     import torch
@@ -233,7 +263,7 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
 
     from ownlm.compress.export import check_out, model_source
     from ownlm.compress.parity import Reference, check_gate, parity_card
-    from ownlm.core.artifacts import sha256_tree, stage_dir
+    from ownlm.core.artifacts import stage_dir
     from ownlm.engine.packed_linear import packed_linears
     from ownlm.models import load_model
     from ownlm.models.quantized_checkpoint import QUANT_METHOD, quantized_state_dict
@@ -244,8 +274,8 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
     source_model = load_model(model_dir, dtype=torch.float32).eval()
     check_quantizable(source_model, cfg.method)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    config = {"quantize": json.loads(cfg.model_dump_json()), "source": str(source)}
-    with stage_dir(out, "quantize", config, {"source": sha256_tree(model_dir)}) as w:
+    config, inputs = stage_identity(source, model_dir, cfg)
+    with stage_dir(out, "quantize", config, inputs) as w:
         context = min(cfg.context, source_model.config.max_position_embeddings)
         reference = Reference(source_model, tok, context=context)
         info: dict = {"method": cfg.method}
@@ -254,16 +284,26 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
             model.to(torch.bfloat16).config.ownlm_inference_dtype = "bfloat16"
             model.save_pretrained(str(w.tmp))
         else:
-            batches, info["calibration"] = calibration_texts(Path(source), tok, cfg)
+            samples = cfg.qat.samples if cfg.method == "qat-int4" else None
+            qat = cfg.method == "qat-int4"
+            batches, info["calibration"] = calibration_texts(Path(source), tok, cfg, samples, mixed=qat)
             if cfg.method == "int8-dynamic" and cfg.smooth_alpha > 0:
                 smooth(model, input_ranges(model, batches), cfg.smooth_alpha)
+            if cfg.method == "qat-int4":
+                from ownlm.compress.qat import qat_finetune
+
+                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+                losses = qat_finetune(model, batches, cfg.qat, pad, source_model if cfg.qat.distill else None)
+                info["qat"] = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+                               "loss_last10": sum(losses[-10:]) / len(losses[-10:])}  # fmt: skip
             ranges = input_ranges(model, batches) if cfg.method == "int8-dynamic" else {}
-            weights = quantize_weights(model, cfg.method, ranges, cfg.outliers)
-            if cfg.method == "int4-weight":
+            stored = "int4-weight" if cfg.method == "qat-int4" else cfg.method
+            weights = quantize_weights(model, stored, ranges, cfg.outliers)
+            if stored == "int4-weight":
                 model.to(torch.bfloat16)
             from safetensors.torch import save_file
 
-            model.config.quantization_config = {"quant_method": QUANT_METHOD, "method": cfg.method}
+            model.config.quantization_config = {"quant_method": QUANT_METHOD, "method": stored}
             model.config.save_pretrained(str(w.tmp))
             model.generation_config.save_pretrained(str(w.tmp))
             save_file(

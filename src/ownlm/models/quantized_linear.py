@@ -149,13 +149,14 @@ class Int4Weight:
 def quantize_int4(w: torch.Tensor) -> Int4Weight:
     """Symmetric int4 per group of 32 input channels, as torchao's QAT fake-quantizes
     (`IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)`): scale = max|w| / 7.5,
-    q = clamp(round(w / scale), -8, 7)."""
+    q = clamp(round(w / scale), -8, 7). A test checks it equals torchao's fake quantization."""
     out, n = w.shape
     if n % INT4_GROUP:
         raise ValueError(f"int4 needs input sizes divisible by {INT4_GROUP}, got {n}")
     g = w.detach().float().reshape(out, n // INT4_GROUP, INT4_GROUP)
     scale = g.abs().amax(-1).clamp(min=torch.finfo(torch.float32).smallest_normal) / 7.5
-    q = (g / scale[..., None]).round().clamp(-8, 7).to(torch.int8).view(out, n)
+    # x * (1 / scale), as torchao rounds: x / scale lands on the other side of ±7.5 at times.
+    q = (g * (1.0 / scale[..., None])).round().clamp(-8, 7).to(torch.int8).view(out, n)
     return Int4Weight(q, scale)
 
 
