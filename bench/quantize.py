@@ -35,14 +35,16 @@ MODES = ("fp32", "bf16", "int8-dynamic", "int4-weight", "gguf-q8_0", "qat-int4")
 
 
 def peak_rss_mb(path: Path) -> float:
-    """Peak RSS of a fresh process that builds the engine for `path` and decodes 32 rows."""
+    """Peak RSS of a fresh process that builds the engine for `path` and decodes 32 rows: its
+    VmHWM (ru_maxrss is kept across fork and exec, so a child of this process reported the
+    parent's own peak)."""
     code = (
-        "import resource, sys, torch; torch.set_num_threads(1)\n"
+        "import sys, torch; torch.set_num_threads(1)\n"
         "from ownlm.engine.core import Engine; from ownlm.engine.sampling_params import SamplingParams\n"
         "e = Engine.from_pretrained(sys.argv[1])\n"
         "p = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)\n"
         "e.generate([[1, 2, 3]] * 32, [p] * 32)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(next(x for x in open('/proc/self/status') if x.startswith('VmHWM')).split()[1])\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024

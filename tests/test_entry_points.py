@@ -180,6 +180,9 @@ def declared_choices() -> set[tuple[str, str]]:
     # refusal (the default): test_align_stage.py's best-of-n CAI run; harm: the plain harm judge
     # of least_harmful_trails (test_cai.py).
     covered |= {("align.cai.revision_pick", p) for p in ("refusal", "harm")}
+    # test_quantize.py makes each method (and runs the recipe's quantize stage); the journey's CLI
+    # call makes int8-dynamic.
+    covered |= {("quantize.method", m) for m in ("int8-dynamic", "bf16", "int4-weight", "qat-int4")}
     return covered
 
 
@@ -433,6 +436,8 @@ def test_every_command_runs_as_documented(tmp_path, small_corpus):
     assert page == run / "report.html" and "<h2>align</h2>" in page.read_text(encoding="utf-8")
     out = ownlm("export", run, "--format", "gguf", "--type", "q8_0", "--out", tmp_path / "gguf")
     assert "parity (transformers): PPL" in out and list((tmp_path / "gguf").glob("journey-q8_0.gguf"))
+    out = ownlm("quantize", run, "--method", "int8-dynamic", "--out", tmp_path / "int8", "--no-speed")
+    assert "(gate passed)" in out and "memory per instance" in out
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
     ownlm("run", recipe)  # the recipe lists every stage, augment included
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")} == stamps  # all skipped

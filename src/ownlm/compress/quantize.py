@@ -14,10 +14,12 @@ Methods (the runtime kernels and their measurements: `ownlm.models.quantized_lin
   fp32 here); a plain HF directory.
 - `int4-weight`: decoder linears in 4 bits per group of 32 (torchao's symmetric scheme), embedding
   and head in bf16; run by torch's CPU int4 kernel in bf16.
-The smoothing statistics and outlier channels come from calibration text: `--calibration FILE`
-(JSONL, "text" or "messages" per line), else the run's own instruction data, else Python's
-standard-library docstrings (every machine has them). The parity text is never used: the card
-measures on text the calibration has not seen.
+- `qat-int4`: `int4-weight` after quantization-aware fine-tuning (`ownlm.compress.qat`, torchao's
+  QATConfig), also a recipe stage (`stages: [..., quantize]`, `quantize: {method: qat-int4}`).
+The smoothing statistics and outlier channels (and QAT's training text) come from
+`--calibration FILE` (JSONL, "text" or "messages" per line), else the run's own instruction data,
+else Python's standard-library docstrings (every machine has them); QAT mixes the docstrings in.
+The parity text is never used: the card measures on text the calibration has not seen.
 
 The artifact is written atomically and read back before its card is computed, so the card is the
 written model's, run by the engine's own kernels; a card that fails its gate writes nothing.
