@@ -78,3 +78,15 @@ def test_memory_bench():
     tiny = r["systems"]["tiny"]
     assert tiny["weights_mb"] > 0 and tiny["rss_loaded_mb"] > tiny["weights_mb"]
     assert tiny["kv_tokens_in_12gb_bf16"] >= 2 * tiny["kv_tokens_in_12gb_fp32"] - 1
+
+
+@pytest.mark.slow
+def test_quantize_bench():
+    r = _run("quantize.py", "--models", "tiny", "--qat-steps", "2")
+    systems = r["systems"]
+    modes = ("fp32", "bf16", "int8-dynamic", "int4-weight", "qat-int4", "gguf-q8_0")
+    assert set(systems) == {f"tiny-{m}" for m in modes}
+    for name in ("tiny-bf16", "tiny-int8-dynamic", "tiny-int4-weight"):
+        s = systems[name]
+        assert s["size_mb"] < systems["tiny-fp32"]["size_mb"] and s["tokens_per_s_c32"] > 0
+        assert 0 < s["peak_rss_mb"] < 4000  # the child's own peak, not this process's
