@@ -7,6 +7,14 @@ Two questions, one run, each system interleaved with its peer (A, B, C, A, B, C 
      nn-linear      torch nn.Linear, one GEMM per projection (what transformers runs; the peer)
      packed         `serve.packed_linear.PackedLinear`: oneDNN-prepacked weights, one per projection
      packed-fused   q/k/v and gate/up concatenated into one prepacked GEMM each (`fused_llama`)
+   and the quantized forms of packed-fused, peer packed-fused (what `ownlm quantize` chooses from,
+   `ownlm.models.quantized_linear`; inputs arrive in fp32, bf16 casts them as its engine would not):
+     bf16-fused             the same GEMMs, oneDNN-prepacked in bf16
+     int8-fused             `Int8DynamicLinear`: oneDNN int8 GEMM, activations per token, no fp32 channels
+     int8-fused-outliers32  the same with 32 input channels kept in fp32 (`ownlm quantize`'s default)
+     int4-fused             `Int4WeightLinear`: torch's CPU int4 kernel, groups of 32, bf16 activations
+     quantize-dynamic       torch.ao `quantize_dynamic` (fbgemm; one activation scale per tensor)
+     torchao-int8           torchao `Int8DynamicActivationInt8WeightConfig` (per token)
 2. One engine step forward (decode rows only, every row at --context tokens) of a real model, and
    the RSS of a process holding one engine (`fused-runner-mapped`: without releasing the
    checkpoint's memory map; `hf-modules-unpacked`: `pack_linears=False`):
@@ -87,7 +95,72 @@ def layer_systems(hidden: int, mlp: int, q: int, kv: int) -> dict[str, Callable[
     with torch.inference_mode():  # the same numbers, or the timing means nothing
         want = torch.cat([lin[n](x) for n in ("q", "k", "v")], -1)
         assert torch.allclose(qkv(x), want, atol=1e-4), "fused q/k/v differ from nn.Linear"
-    return {"nn-linear": separate(lin), "packed": separate(packed), "packed-fused": fused}
+    return {"nn-linear": separate(lin), "packed": separate(packed), "packed-fused": fused,
+            **quantized_systems(lin, q, mlp, inner)}  # fmt: skip
+
+
+def quantized_systems(lin: dict[str, nn.Linear], q: int, mlp: int, inner: dict) -> dict[str, Callable]:
+    """packed-fused's layer in each quantized form (see the module docstring)."""
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from ownlm.models.quantized_linear import (
+        Int4WeightLinear,
+        Int8DynamicLinear,
+        quantize_int4,
+        quantize_int8,
+    )
+
+    groups = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+    def merged(names) -> nn.Linear:
+        m = _linear(lin[names[0]].in_features, sum(lin[n].out_features for n in names))
+        m.weight.copy_(torch.cat([lin[n].weight for n in names]))
+        return m
+
+    def int8(k: int):
+        def one(m):
+            return Int8DynamicLinear(quantize_int8(m.weight, torch.arange(k)), None)
+
+        return {g: one(merged(names)) for g, names in groups.items()}
+
+    def int4():
+        return {g: Int4WeightLinear(quantize_int4(merged(names).weight), None) for g, names in groups.items()}
+
+    def bf16():
+        return {g: PackedLinear(merged(names).to(torch.bfloat16)) for g, names in groups.items()}
+
+    def fbgemm():
+        return {g: quantize_dynamic(nn.Sequential(merged(names)), {nn.Linear}, torch.qint8)
+                for g, names in groups.items()}  # fmt: skip
+
+    def torchao():
+        layers = {g: nn.Sequential(copy.deepcopy(merged(names))) for g, names in groups.items()}
+        for m in layers.values():
+            quantize_(m, Int8DynamicActivationInt8WeightConfig())
+        return layers
+
+    def run(layers, dtype=torch.float32):
+        def step(x):
+            b = x.shape[1]
+            x = x.to(dtype)
+            layers["qkv"](x)
+            layers["gate_up"](x)
+            layers["o"](inner["o"].expand(1, b, q).to(dtype))
+            layers["down"](inner["down"].expand(1, b, mlp).to(dtype))
+
+        return step
+
+    return {
+        "bf16-fused": run(bf16(), torch.bfloat16),
+        "int8-fused": run(int8(0)),
+        "int8-fused-outliers32": run(int8(32)),
+        "int4-fused": run(int4(), torch.bfloat16),
+        "quantize-dynamic": run(fbgemm()),
+        "torchao-int8": run(torchao()),
+    }
 
 
 def model_systems(model_dir: Path, batch: int, context: int) -> tuple[dict[str, Callable[[], None]], float]:
@@ -207,6 +280,14 @@ def main() -> None:
     for name in ("packed", "packed-fused"):
         for metric, v in systems[name].items():
             ratios[f"{metric} {name}/nn-linear"] = v / systems["nn-linear"][metric]
+    quantized = (
+        "bf16-fused", "int8-fused", "int8-fused-outliers32", "int4-fused", "quantize-dynamic", "torchao-int8",
+    )  # fmt: skip
+    quantized_ratios = {
+        f"{metric} {name}/packed-fused": v / systems["packed-fused"][metric]
+        for name in quantized
+        for metric, v in systems[name].items()
+    }
     for metric, v in systems["fused-runner"].items():
         if metric.endswith("p50"):
             ratios[f"{metric} fused-runner/hf-modules"] = v / systems["hf-modules"][metric]
@@ -222,7 +303,7 @@ def main() -> None:
         "machine": machine_info() | {"threads": args.threads},
         "config": {"batches": args.batches, "context": args.context, "dtype": "float32", "model": how},
         "systems": systems,
-        "ratios": ratios,
+        "ratios": ratios | quantized_ratios,  # the goal is on `ratios` only
         "runs": args.runs,
         "notes": (
             f"medians (and p90 for steps) of {args.runs} interleaved runs after {args.warmup} warm-ups; "

@@ -90,3 +90,11 @@ def test_quantize_bench():
         s = systems[name]
         assert s["size_mb"] < systems["tiny-fp32"]["size_mb"] and s["tokens_per_s_c32"] > 0
         assert 0 < s["peak_rss_mb"] < 4000  # the child's own peak, not this process's
+
+
+def test_engine_step_bench():
+    r = _run("engine_step.py", "--batches", "32", "--runs", "1", "--warmup", "1")
+    layer = "smollm2_layer_linears_b32_ms_p50"
+    for name in ("packed-fused", "bf16-fused", "int8-fused", "int8-fused-outliers32", "quantize-dynamic"):
+        assert r["systems"][name][layer] > 0
+    assert f"{layer} int8-fused/packed-fused" in r["ratios"]

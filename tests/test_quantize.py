@@ -43,6 +43,22 @@ def test_int8_linear_matches_fp32_and_is_batch_invariant():
     assert (no_outlier - want).abs().max() > 3 * (got - want).abs().max()
 
 
+def test_int8_linear_without_onednn_falls_back_to_int_mm(monkeypatch):
+    import torch
+
+    from ownlm.models import quantized_linear
+    from ownlm.models.quantized_linear import Int8DynamicLinear, quantize_int8
+
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(8, 64)
+    weight = quantize_int8(w, torch.tensor([5, 9]))
+    onednn = Int8DynamicLinear(weight, bias)
+    monkeypatch.setattr(quantized_linear, "_onednn_int8", lambda: False)
+    fallback = Int8DynamicLinear(weight, bias)
+    assert not hasattr(fallback, "packed")
+    assert torch.allclose(fallback(x), onednn(x), atol=1e-4)  # the same integers, summed exactly
+
+
 def test_int4_weight_round_trips_through_the_kernel():
     import torch
 
@@ -178,8 +194,10 @@ def test_bad_input_is_refused_and_nothing_is_written(model_dir, int8_dir, tmp_pa
         quantize_model(gpt2, tmp_path / "g", QuantizeConfig(speed=False))
     bad = tmp_path / "calib.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(OwnlmError, match=r"calib.jsonl:2"):
-        quantize_model(model_dir, tmp_path / "c", QuantizeConfig(calibration=bad, speed=False))
+    r = ownlm(
+        "quantize", str(model_dir), "--out", str(tmp_path / "c"), "--calibration", str(bad), cwd=tmp_path
+    )
+    assert r.returncode != 0 and "calib.jsonl:2: expected a JSON object" in r.stderr
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")

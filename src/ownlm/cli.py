@@ -421,6 +421,10 @@ def quantize(
         str, typer.Option(help="int8-dynamic, bf16, int4-weight or qat-int4 (int4 after QAT).")
     ] = "int8-dynamic",
     qat_steps: Annotated[int, typer.Option(min=1, help="qat-int4: fine-tuning steps.")] = 100,
+    smooth_alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="int8: SmoothQuant's strength (0: no smoothing).")
+    ] = 0.5,
+    outliers: Annotated[int, typer.Option(min=0, help="int8: input channels per layer kept in fp32.")] = 32,
     calibration: Annotated[
         Path | None, typer.Option(help="JSONL ('text' or 'messages' per line) to calibrate on.")
     ] = None,
@@ -434,7 +438,10 @@ def quantize(
     from ownlm.models.memory import memory_line
 
     try:
-        cfg = QuantizeConfig(method=method, calibration=calibration, speed=speed, qat={"steps": qat_steps})
+        cfg = QuantizeConfig(
+            method=method, calibration=calibration, speed=speed, qat={"steps": qat_steps},
+            smooth_alpha=smooth_alpha, outliers=outliers,
+        )  # fmt: skip
     except ValidationError as e:
         raise OwnlmError(f"--method {method}: {e.errors()[0]['msg']}") from None
     m = quantize_model(model, out, cfg)

@@ -8,8 +8,8 @@ Methods (the runtime kernels and their measurements: `ownlm.models.quantized_lin
   SmoothQuant (Xiao et al. 2023) first folds part of each input channel's range from the
   activations into the weights, through the preceding RMSNorm (q/k/v, gate/up) or up_proj's rows
   (down); `outliers` input channels per layer, those with the largest calibrated max|x|·max|W|,
-  stay in fp32. Measured on SmolLM2-135M's parity text: per-token int8 alone +2.4% PPL, KLD 0.032;
-  with α=0.5 and 16 fp32 channels +0.24%, KLD 0.0063.
+  stay in fp32. On runs/smol (SmolLM2 after SFT and CAI), `ownlm quantize runs/smol`: per-token
+  int8 alone (`--smooth-alpha 0 --outliers 0`) +4.9% PPL, KLD 0.034; the defaults +0.49%, KLD 4.0e-3.
 - `bf16`: every weight in bfloat16, run in bf16 (AVX512-BF16/AMX make oneDNN's bf16 GEMMs ~1.8x
   fp32 here); a plain HF directory.
 - `int4-weight`: decoder linears in 4 bits per group of 32 (torchao's symmetric scheme), embedding
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 
 Method = Literal["int8-dynamic", "bf16", "int4-weight", "qat-int4"]
 GATE_OF = {"int8-dynamic": "int8", "bf16": "bf16-compute", "int4-weight": "int4", "qat-int4": "int4"}
-# Layouts whose layers SmoothQuant can fold into (pre-norm RMSNorm before q/k/v and gate/up).
-LLAMA_LAYOUT = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 SHARED_INPUT = {".k_proj": ".q_proj", ".v_proj": ".q_proj", ".up_proj": ".gate_proj"}
 
 
@@ -68,10 +66,14 @@ class QuantizeConfig(StrictModel):
 
 
 def check_quantizable(model: nn.Module, method: str) -> None:
+    """int8/int4 need the Llama layout: SmoothQuant folds into its norms, the engine's fused runner
+    runs the kernels."""
+    from ownlm.engine.fused_llama import FUSABLE
+
     name = type(model).__name__
-    if method != "bf16" and name not in LLAMA_LAYOUT:
+    if method != "bf16" and name not in FUSABLE:
         raise OwnlmError(
-            f"{method}: {name} is not supported (Llama-layout decoders: {', '.join(sorted(LLAMA_LAYOUT))})"
+            f"{method}: {name} is not supported (Llama-layout decoders: {', '.join(sorted(FUSABLE))})"
         )
 
 
@@ -145,7 +147,8 @@ def input_ranges(model: nn.Module, batches: list[list[int]]) -> dict[str, torch.
 
 def smooth(model: nn.Module, ranges: dict[str, torch.Tensor], alpha: float) -> None:
     """SmoothQuant in place: x·W = (x / s)·(s W) with s_j = max|x_j|^α / max|W_j|^(1-α), the 1/s
-    folded into what produces x (an RMSNorm's weight, or up_proj's rows for down_proj)."""
+    folded into what produces x (an RMSNorm's weight, or up_proj's rows for down_proj). `ranges`
+    become the smoothed inputs' (each divided by its s: no second calibration pass)."""
     import torch
 
     def factors(x_max: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -164,7 +167,9 @@ def smooth(model: nn.Module, ranges: dict[str, torch.Tensor], alpha: float) -> N
                 norm.weight.div_(s)
                 for x in lins:
                     x.weight.mul_(s)
+                ranges[key] = ranges[key] / s  # the readers' shared input (`shared_lead`)
             s = factors(ranges[f"{pre}.mlp.down_proj"], [mlp.down_proj.weight])
+            ranges[f"{pre}.mlp.down_proj"] = ranges[f"{pre}.mlp.down_proj"] / s
             mlp.up_proj.weight.div_(s[:, None])
             if mlp.up_proj.bias is not None:
                 mlp.up_proj.bias.div_(s)
@@ -214,26 +219,23 @@ def shared_lead(name: str) -> str:
     return next((name[: -len(a)] + b for a, b in SHARED_INPUT.items() if name.endswith(a)), name)
 
 
-def decode_tokens_per_s(path: Path, rows: int, tokens: int = 32) -> float:
-    """Output tokens/s of the engine `ownlm serve` builds for `path` (fused runner, prepacked or
-    quantized kernels) decoding `rows` sequences at once, `tokens` each, after a warm-up pass."""
+def serving_figures(path: Path, speed: bool, tokens: int = 32) -> tuple[dict[str, int], dict[int, float]]:
+    """What `ownlm serve` builds for `path` (fused runner, prepacked or quantized kernels): its
+    memory (weights as held, the default KV budget) and, with `speed`, its output tokens/s decoding
+    1 and 32 sequences at once, `tokens` each, after a warm-up pass."""
     from ownlm.engine.core import Engine, EngineConfig
     from ownlm.engine.sampling_params import SamplingParams
 
-    engine = Engine.from_pretrained(path, config=EngineConfig(max_num_seqs=rows, kv_cache_tokens=rows * 128))
+    engine = Engine.from_pretrained(path, config=EngineConfig(max_num_seqs=32, self_check=speed))
+    rates = {}
     prompt = engine.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
-    params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * rows
-    engine.generate([list(prompt)] * rows, params)
-    start = time.perf_counter()
-    engine.generate([list(prompt)] * rows, params)
-    return rows * tokens / (time.perf_counter() - start)
-
-
-def serving_memory(path: Path) -> dict[str, int]:
-    """What `ownlm serve` holds for `path`: its weights as held and its default KV budget."""
-    from ownlm.engine.core import Engine, EngineConfig
-
-    return Engine.from_pretrained(path, config=EngineConfig(self_check=False)).memory
+    for rows in (1, 32) if speed else ():
+        params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * rows
+        engine.generate([list(prompt)] * rows, params)
+        start = time.perf_counter()
+        engine.generate([list(prompt)] * rows, params)
+        rates[rows] = rows * tokens / (time.perf_counter() - start)
+    return engine.memory, rates
 
 
 def stage_identity(source: str | Path, model_dir: Path, cfg: QuantizeConfig) -> tuple[dict, dict]:
@@ -286,20 +288,20 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
             model.to(torch.bfloat16).config.ownlm_inference_dtype = "bfloat16"
             model.save_pretrained(str(w.tmp))
         else:
-            samples = cfg.qat.samples if cfg.method == "qat-int4" else None
             qat = cfg.method == "qat-int4"
+            samples = cfg.qat.samples if qat else None
             batches, info["calibration"] = calibration_texts(Path(source), tok, cfg, samples, mixed=qat)
-            if cfg.method == "int8-dynamic" and cfg.smooth_alpha > 0:
-                smooth(model, input_ranges(model, batches), cfg.smooth_alpha)
-            if cfg.method == "qat-int4":
+            ranges = input_ranges(model, batches) if cfg.method == "int8-dynamic" else {}
+            if ranges and cfg.smooth_alpha > 0:
+                smooth(model, ranges, cfg.smooth_alpha)
+            if qat:
                 from ownlm.compress.qat import qat_finetune
 
                 pad = tok.pad_token_id if tok.pad_token_id is not None else 0
                 losses = qat_finetune(model, batches, cfg.qat, pad, source_model if cfg.qat.distill else None)
                 info["qat"] = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
                                "loss_last10": sum(losses[-10:]) / len(losses[-10:])}  # fmt: skip
-            ranges = input_ranges(model, batches) if cfg.method == "int8-dynamic" else {}
-            stored = "int4-weight" if cfg.method == "qat-int4" else cfg.method
+            stored = "int4-weight" if qat else cfg.method
             weights = quantize_weights(model, stored, ranges, cfg.outliers)
             if stored == "int4-weight":
                 model.to(torch.bfloat16)
@@ -319,21 +321,21 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
             card = check_gate(
                 GATE_OF[cfg.method], parity_card(reference, candidate), enforce=cfg.enforce_gate
             )
-        info["memory"] = serving_memory(w.tmp)
-        info["source_weights_bytes"] = serving_memory(model_dir)["weights_bytes"]
-        if cfg.speed:  # both as `ownlm serve` runs them, one after the other
-            info["speed"] = {}
-            for rows in (1, 32):
-                fp32 = decode_tokens_per_s(model_dir, rows)
-                quant = decode_tokens_per_s(w.tmp, rows)
-                ratio = quant / fp32
-                info["speed"][f"c{rows}"] = {
-                    "tokens_per_s": quant,
-                    "source_tokens_per_s": fp32,
-                    "ratio": ratio,
+        # Both as `ownlm serve` runs them, one after the other.
+        info["memory"], rates = serving_figures(w.tmp, cfg.speed)
+        source_memory, source_rates = serving_figures(model_dir, cfg.speed)
+        info["source_weights_bytes"] = source_memory["weights_bytes"]
+        if cfg.speed:
+            info["speed"] = {
+                f"c{rows}": {
+                    "tokens_per_s": rate,
+                    "source_tokens_per_s": source_rates[rows],
+                    "ratio": rate / source_rates[rows],
                 }
-        size = sum(p.stat().st_size for p in w.tmp.rglob("*") if p.is_file())
-        source_size = sum(p.stat().st_size for p in model_dir.rglob("*.safetensors"))
+                for rows, rate in rates.items()
+            }
+        size = sum(p.stat().st_size for p in w.tmp.glob("*.safetensors"))  # the weights, both sides
+        source_size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
         w.metrics = {
             **info,
             "size_mb": size / 2**20,

@@ -6,7 +6,8 @@ compression stage builds on it).
   machine's AMX core: 20 ms for 16 prompts of 32 tokens against 39 ms in int8 and 73 ms in fp32,
   scores within 0.005 of fp32, and each row's result independent of what it is batched with.
 - `int8`: int8 weights (one scale per output channel) times int8 activations (one scale per
-  row, computed as it runs), accumulated in int32 by `torch._int_mm`: `RowInt8Linear`. A row's
+  row, computed as it runs), accumulated in int32: `quantized_linear.Int8DynamicLinear` (oneDNN's
+  int8 GEMM; the timings below were measured when it ran on `torch._int_mm`, stop 29). A row's
   scores move with the other rows of its pass only by fp32 rounding elsewhere crossing an int8
   step (at most 0.013, `bench/classifier_precision.py`), so checks batch. It replaced
   `torch.ao.quantization.quantize_dynamic` (deprecated; one activation scale per tensor): on an
@@ -18,9 +19,8 @@ compression stage builds on it).
   0.34, verdicts as fp32's 99% against 97.5%. Calibrated in it, the student blocks 0.610 of
   held-out Do-Not-Answer hazards (`ownlm safety train`'s manifest, `test.harmful_block_rate`);
   calibrated in `quantize_dynamic` the same recipe blocked 0.48 (stop 29, before the switch, not
-  reproducible now that it is gone). torchao's int8
-  dynamic-activation config quantizes per token too, but is not installed here and was slower on
-  CPU than `quantize_dynamic` (ao #4365); these ~25 lines on one torch op are measured above.
+  reproducible now that it is gone). torchao's int8 dynamic-activation config quantizes per token
+  too, but is 3-20x slower on this CPU (`bench/engine_step.py`'s torchao-int8; ao #4365).
 - `auto`: bf16 where the CPU has AMX, else int8 (on Zen 4, AVX512-BF16 without AMX, int8 is the
   faster: above). `none`: fp32.
 
@@ -70,46 +70,20 @@ def resolve(precision: Precision) -> Literal["bf16", "int8", "none"]:
     return precision
 
 
-def _int8_linear_class():
-    import torch
-
-    class RowInt8Linear(torch.nn.Module):
-        """int8 x int8 -> int32 (`torch._int_mm`) with one scale per weight row and one per
-        activation row, so a row's result depends on the other rows of its batch only through
-        fp32 rounding elsewhere in the model (within ~0.01 of a score)."""
-
-        def __init__(self, linear: torch.nn.Linear) -> None:
-            super().__init__()
-            w = linear.weight.detach().float()
-            scale = w.abs().amax(1).clamp(min=1e-8) / 127
-            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self.register_buffer("w", q.t().contiguous())  # [in, out], as _int_mm takes it
-            self.register_buffer("w_scale", scale)
-            self.register_buffer("b", None if linear.bias is None else linear.bias.detach().float())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1]).float()
-            s = x2.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
-            q = (x2 / s).round_().clamp_(-127, 127).to(torch.int8)
-            y = torch._int_mm(q, self.w).float().mul_(s).mul_(self.w_scale)
-            if self.b is not None:
-                y.add_(self.b)
-            return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
-
-    return RowInt8Linear
-
-
 def row_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose Linear layers compute in int8 (`RowInt8Linear`)."""
+    """A copy of `model` whose Linear layers compute in int8: `Int8DynamicLinear` with one scale per
+    weight row and one per activation row (and no fp32 channels), the kernel `ownlm quantize` serves."""
     import torch
 
-    cls = _int8_linear_class()
+    from ownlm.models.quantized_linear import Int8DynamicLinear, quantize_int8
+
     out = copy.deepcopy(model)
+    no_channels = torch.zeros(0, dtype=torch.long)
     for mod in list(out.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(mod, child_name, cls(child))
+                layer = Int8DynamicLinear(quantize_int8(child.weight, no_channels), child.bias)
+                setattr(mod, child_name, layer)
     return out
 
 

@@ -120,9 +120,9 @@ def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
     p = resolve_model_dir(path)
     config = AutoConfig.from_pretrained(str(p))
     chosen = variant or getattr(config, "attention_variant", "dense")
-    dtype = dtype or inference_dtype(p)
-    if quantization_of(p) is not None:
-        return load_quantized(p, dtype=dtype, attn_implementation=attn_implementation(chosen))
+    dtype = dtype or inference_dtype(config)
+    if quantization_of(config) is not None:
+        return load_quantized(p, config, dtype=dtype, attn_implementation=attn_implementation(chosen))
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(p), attn_implementation=attn_implementation(chosen), dtype=dtype

@@ -24,7 +24,6 @@ bf16 with `ownlm_inference_dtype: "bfloat16"` in its config, so ownlm runs it in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,23 +37,21 @@ QUANT_METHOD = "ownlm"
 METHODS = ("int8-dynamic", "int4-weight")
 
 
-def quantization_of(model_dir: Path) -> dict | None:
-    """The directory's ownlm quantization_config, or None for a plain model."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    q = cfg.get("quantization_config")
-    if q and q.get("quant_method") == QUANT_METHOD:
-        return q
-    return None
+def quantization_of(config) -> dict | None:
+    """The ownlm quantization_config of a loaded `AutoConfig`, or None for a plain model."""
+    q = getattr(config, "quantization_config", None)
+    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
 
 
-def inference_dtype(model_dir: Path):
-    """The dtype ownlm runs this directory in unless told otherwise: bf16 for bf16 and int4
-    artifacts (the int4 kernel computes in bf16), else fp32."""
+def inference_dtype(config):
+    """The dtype ownlm runs a model of this `AutoConfig` in unless told otherwise: bf16 for bf16 and
+    int4 artifacts (the int4 kernel computes in bf16), else fp32."""
     import torch
 
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    q = quantization_of(model_dir)
-    if (q and q["method"] == "int4-weight") or cfg.get("ownlm_inference_dtype") == "bfloat16":
+    q = quantization_of(config)
+    if (q and q.get("method") == "int4-weight") or getattr(
+        config, "ownlm_inference_dtype", None
+    ) == "bfloat16":
         return torch.bfloat16
     return torch.float32
 
@@ -93,16 +90,15 @@ def quantized_state_dict(model: nn.Module, weights: dict) -> dict[str, torch.Ten
     return state
 
 
-def load_quantized(model_dir: Path, *, dtype, attn_implementation: str) -> nn.Module:
-    """The model of an `ownlm quantize` directory (see the module docstring)."""
+def load_quantized(model_dir: Path, config, *, dtype, attn_implementation: str) -> nn.Module:
+    """The model of an `ownlm quantize` directory (see the module docstring), `config` its AutoConfig."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from ownlm.models.quantized_linear import Int4Weight, Int8Weight
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    q = config.quantization_config
+    q = quantization_of(config)
     if q.get("method") not in METHODS:
         raise OwnlmError(
             f"{model_dir}/config.json: quantization method {q.get('method')!r} is not one of {METHODS}"
@@ -144,7 +140,8 @@ def load_quantized(model_dir: Path, *, dtype, attn_implementation: str) -> nn.Mo
         model.tie_weights()
     for name, w in quantized.items():
         model.get_submodule(name).ownlm_quantized = w
-    model.config.ownlm_quantization = dict(q)  # in memory only: said by `ownlm serve` and reports
+    # In memory only (not in config.json): the engine's self-check tolerance reads it.
+    model.config.ownlm_quantization = dict(q)
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
     return model.eval()

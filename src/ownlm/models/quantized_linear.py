@@ -2,34 +2,35 @@
 
 `Int8DynamicLinear`: int8 weights (one scale per output row) times activations quantized to int8
 as they arrive, one scale per token, so a row's result never depends on what it is batched with.
-Measured on this repo's 2-core AMD EPYC (AVX-512 VNNI, 2 threads), SmolLM2-135M's shapes, per call:
+`python bench/engine_step.py` (its quantized systems; 2-core AMD EPYC with AVX-512 VNNI and BF16,
+1 thread): one SmolLM2-135M decoder layer's projections, q/k/v and gate/up fused, median ms:
 
-    shape (in x out)       batch  fp32 prepacked  bf16 prepacked  int8 (this)  quantize_dynamic  torchao
-    576 x 3072 (gate/up)      32        0.30 ms         0.16 ms       0.14 ms           0.13 ms    0.42 ms
-    576 x 49152 (head)        32        6.40 ms         3.52 ms       2.40 ms           2.85 ms   59.9  ms
-    576 x 960 (q/k/v)          1        0.044 ms        0.032 ms      0.072 ms          0.031 ms   0.21 ms
+    rows  fp32 prepacked  bf16  int8 (no fp32 channels)  int8 + 32 fp32  int4  quantize_dynamic  torchao
+      1        0.259      0.181        0.242                 0.281       0.142       0.124         1.205
+     32        1.297      0.657        0.573                 0.769       1.554       0.406         1.968
 
-Why this backend and not the other two. `torch.ao.quantization.quantize_dynamic` (fbgemm) is as
-fast but takes one activation scale per *tensor*: on SmolLM2 its perplexity rose 46% (PPL +46%,
-KLD 0.41 on the parity text), because one token's outlier sets the scale of all the others.
-torchao's `Int8DynamicActivationInt8WeightConfig` (0.18) quantizes per token but runs 3-20x slower
-than fp32 here (its CPU path is a reference one; ao #4365). So the GEMM is oneDNN's own int8 one
+Why this backend and not the other two. `torch.ao.quantization.quantize_dynamic` (fbgemm) is the
+fastest but takes one activation scale per *tensor*: one token's outlier sets the scale of all the
+others (measured by hand on SmolLM2's parity text, stop 32: PPL +46%, KLD 0.41). torchao's
+`Int8DynamicActivationInt8WeightConfig` (0.18) quantizes per token but runs slower than fp32
+here (its CPU path is a reference one; ao #4365). So the GEMM is oneDNN's own int8 one
 (`torch.ops.onednn.qlinear_pointwise`, weights prepacked once, u8 activations with zero point 128,
-the path inductor emits for int8 CPU linears) and the per-token quantization is a few torch ops.
-`torch._int_mm` is the fallback where a torch build lacks the oneDNN ops.
+the path inductor emits for int8 CPU linears) and the per-token quantization is a few torch ops;
+on this core that GEMM is barely faster than oneDNN's bf16 one. `torch._int_mm` is the fallback
+where a torch build lacks the oneDNN ops.
 
-Per-token int8 alone still cost SmolLM2 +2.4% perplexity (KLD 0.032): a few input channels carry
-outliers (post-RMSNorm scales, the MLP's product). Two standard remedies, both applied at
-quantization time (`ownlm.compress.quantize`): SmoothQuant moves part of each channel's range
-into the weights, and the `outliers` input channels with the largest calibrated |x|·|W| stay in
-fp32 beside the int8 GEMM (LLM.int8's decomposition, with the channels fixed at calibration so the
-split costs one index_fill, one index_select and one small matmul).
+Per-token int8 alone costs SmolLM2 +4.9% perplexity (KLD 0.034;
+`ownlm quantize runs/smol --smooth-alpha 0 --outliers 0`): a few input channels carry outliers
+(post-RMSNorm scales, the MLP's product). Two standard remedies, both applied at quantization time
+(`ownlm.compress.quantize`): SmoothQuant moves part of each channel's range into the weights, and
+the `outliers` input channels with the largest calibrated |x|·|W| stay in fp32 beside the int8
+GEMM (LLM.int8's decomposition, with the channels fixed at calibration so the split costs one
+index_fill, one index_select and one small matmul: +35% on the layer above).
 
 `Int4WeightLinear`: weights in 4 bits per group of 32 (torchao's symmetric scheme, the one its QAT
 fake-quantizes with), multiplied by torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) in
-bf16. Measured above: it pays at batch 1 (gate/up 0.054 ms against fp32's 0.080; head 1.08 against
-3.38), loses at batch 32 (0.54 against 0.33; head 8.9 against 6.6), and in fp32 that kernel is
-20-100x slower, so int4 models run in bf16.
+bf16: it pays at batch 1 and loses at batch 32 (above); in fp32 that kernel is 20-100x slower
+(measured by hand, stop 32), so int4 models run in bf16.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class SafetyClassifier:
         self.precision = resolve(quantize)
         self.model = for_cpu_inference(model, self.precision)
         # In every precision a row's scores hardly depend on what shares its pass (int8 scales
-        # each row apart: `RowInt8Linear`; within 0.013), so concurrent checks go 16 to a pass.
+        # each row apart: `Int8DynamicLinear`; within 0.013), so concurrent checks go 16 to a pass.
         self.rows_per_pass = rows_per_pass or 16
         self._torch = torch
         self._lock = threading.Lock()
