@@ -115,7 +115,13 @@ def test_int8_artifact_passes_its_gate_loads_and_serves(model_dir, int8_dir):
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.int8
         hidden = json.loads((int8_dir / "config.json").read_text())["hidden_size"]
         assert f.get_tensor("model.layers.0.self_attn.q_proj.outlier_idx").numel() == min(32, hidden // 8)
+    # Other tools refuse the directory rather than load int8 codes as weights.
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="ownlm-quantized"):
+        AutoModelForCausalLM.from_pretrained(str(int8_dir))
     model = load_model(int8_dir)
+    assert model.config.model_type == json.loads((model_dir / "config.json").read_text())["model_type"]
     assert model.config.ownlm_quantization["method"] == "int8-dynamic"
     assert model.model.layers[0].mlp.down_proj.ownlm_quantized.q.dtype == torch.int8
     engine = Engine.from_pretrained(int8_dir)

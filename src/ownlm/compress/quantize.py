@@ -270,7 +270,7 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
     from ownlm.core.artifacts import stage_dir
     from ownlm.engine.packed_linear import packed_linears
     from ownlm.models import load_model
-    from ownlm.models.quantized_checkpoint import QUANT_METHOD, quantized_state_dict
+    from ownlm.models.quantized_checkpoint import quantized_state_dict, save_quantized_config
 
     out = Path(out)
     model_dir = model_source(source)
@@ -307,8 +307,7 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
                 model.to(torch.bfloat16)
             from safetensors.torch import save_file
 
-            model.config.quantization_config = {"quant_method": QUANT_METHOD, "method": stored}
-            model.config.save_pretrained(str(w.tmp))
+            save_quantized_config(model.config, w.tmp, stored)
             model.generation_config.save_pretrained(str(w.tmp))
             save_file(
                 quantized_state_dict(model, weights),

@@ -11,7 +11,7 @@ from pathlib import Path
 from ownlm.core.artifacts import read_manifest, sha256_file, stage_dir
 from ownlm.core.errors import OwnlmError
 from ownlm.models.llama import count_params
-from ownlm.models.quantized_checkpoint import inference_dtype, load_quantized, quantization_of
+from ownlm.models.quantized_checkpoint import inference_dtype, load_quantized, model_config, quantization_of
 
 
 def gguf_cache_root() -> Path:
@@ -113,12 +113,12 @@ def load_model(path: str | Path, *, dtype=None, variant: str | None = None):
     attention variant its config names (or `variant`), in `dtype` (default: fp32, or bf16 for bf16
     and int4 artifacts)."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ownlm.models.attention import attn_implementation
 
     p = resolve_model_dir(path)
-    config = AutoConfig.from_pretrained(str(p))
+    config = model_config(p)
     chosen = variant or getattr(config, "attention_variant", "dense")
     dtype = dtype or inference_dtype(config)
     if quantization_of(config) is not None:

@@ -9,10 +9,13 @@ linears are stored as integers:
     <linear>.outlier_idx     int64 [k]                 (int8-dynamic: input channels kept in fp32)
     <linear>.outlier_weight  fp32 [out, k]
 
-and config.json says so in `quantization_config` (`quant_method: "ownlm"`), which
-`ownlm.models.load_model` reads. Known gap: plain transformers 5.24 does not refuse an unknown
-quant_method, so it would load the int8 codes as weights; a layout transformers either reads right
-(compressed-tensors) or refuses is still to do. With tied embeddings only the head is stored
+and config.json says so: `model_type` is "ownlm-quantized" and `quantization_config`
+(`quant_method: "ownlm"`) names the method and the real model type, which `ownlm.models.load_model`
+reads. The model type is changed so that other tools refuse the directory: transformers 5.24 only
+warns about an unknown quant_method and would load the int8 codes as weights (checked: down_proj
+weights of -31, 27, ...); with an unknown model type `AutoConfig` raises, and so does every tool
+built on it (vLLM, TRL). The outlier channels kept in fp32 have no place in compressed-tensors or
+GGUF, so there is no layout they could read right. With tied embeddings only the head is stored
 and the embedding is its dequantized copy (as GGUF's quantized token_embd).
 
 Loaded, the model is an ordinary transformers model whose quantized linears hold their dequantized
@@ -34,7 +37,46 @@ if TYPE_CHECKING:
     from torch import nn
 
 QUANT_METHOD = "ownlm"
+MODEL_TYPE = "ownlm-quantized"
 METHODS = ("int8-dynamic", "int4-weight")
+
+
+def save_quantized_config(config, out_dir: Path, method: str) -> None:
+    """Write `config` (the source model's) as a quantized directory's config.json (module docstring)."""
+    import json
+
+    config.quantization_config = {
+        "quant_method": QUANT_METHOD,
+        "method": method,
+        "model_type": config.model_type,
+    }
+    config.save_pretrained(str(out_dir))
+    file = out_dir / "config.json"
+    written = json.loads(file.read_text(encoding="utf-8"))
+    file.write_text(json.dumps({**written, "model_type": MODEL_TYPE}, indent=2, sort_keys=True) + "\n")
+
+
+def model_config(model_dir: Path):
+    """The `AutoConfig` of a model directory, quantized (its real model type restored) or not."""
+    import json
+
+    from transformers import AutoConfig
+
+    file = model_dir / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise OwnlmError(f"{file}: cannot read: {e}") from None
+    if raw.get("model_type") != MODEL_TYPE:
+        return AutoConfig.from_pretrained(str(model_dir))
+    real = (raw.get("quantization_config") or {}).get("model_type")
+    if not real:
+        raise OwnlmError(f"{file}: model_type {MODEL_TYPE!r} without quantization_config.model_type")
+    raw.pop("model_type")
+    try:
+        return AutoConfig.for_model(real, **raw)
+    except ValueError as e:
+        raise OwnlmError(f"{file}: {str(e).splitlines()[0]}") from None
 
 
 def quantization_of(config) -> dict | None:
