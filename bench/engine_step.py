@@ -20,10 +20,12 @@ Two questions, one run, each system interleaved with its peer (A, B, C, A, B, C 
    checkpoint's memory map; `hf-modules-unpacked`: `pack_linears=False`):
      hf-modules     the model's own transformers modules, packed linears, engine attention (the peer)
      fused-runner   `serve.fused_llama.FusedLlama`, the runner `Engine.from_pretrained` uses
+     fused-runner-quantized  with `--quantized DIR`: the engine of an `ownlm quantize` directory of
+                    the model (its kernels in a real step, weights streaming from memory; peer fused-runner)
    The model is `--model` (a run or HF dir), else runs/tiny's most trained, else the tiny recipe's
    shape with random weights. Both paths must give the same logits (checked first).
 
-    python bench/engine_step.py [--model runs/tiny] [--batches 1 32] [--threads 1] [--save] [--out NAME]
+    python bench/engine_step.py [--model runs/tiny] [--quantized DIR] [--batches 1 32] [--threads 1] [--save]
 """
 
 from __future__ import annotations
@@ -163,7 +165,9 @@ def quantized_systems(lin: dict[str, nn.Linear], q: int, mlp: int, inner: dict) 
     }
 
 
-def model_systems(model_dir: Path, batch: int, context: int) -> tuple[dict[str, Callable[[], None]], float]:
+def model_systems(
+    model_dir: Path, batch: int, context: int, quantized: Path | None = None
+) -> tuple[dict[str, Callable[[], None]], float]:
     from ownlm.engine.core import Engine, EngineConfig
     from ownlm.engine.packed_linear import pack_linears
     from ownlm.models import load_model
@@ -176,11 +180,18 @@ def model_systems(model_dir: Path, batch: int, context: int) -> tuple[dict[str, 
     if fused.runner is None:
         raise SystemExit(f"{model_dir}: not a model the fused runner takes")
     engines = {"hf-modules": plain, "fused-runner": fused}
+    if quantized is not None:  # its logits differ by design: its card checks them
+        engines["fused-runner-quantized"] = Engine.from_pretrained(quantized, config=config)
     tokens, positions = [5 + i for i in range(batch)], [context - (i % 3) for i in range(batch)]
     for e in engines.values():
         e.cache.ensure(batch, context + 1, [])
     with torch.inference_mode():
-        a, b = (e._forward(tokens, positions, [], list(range(batch))) for e in engines.values())
+        a, b = (
+            engines[n]._forward(tokens, positions, [], list(range(batch)))
+            for n in ("hf-modules", "fused-runner")
+        )
+        for e in list(engines.values())[2:]:
+            e._forward(tokens, positions, [], list(range(batch)))
     err = ((a - b).abs().max() / b.abs().max()).item()
     assert err < 1e-3, f"fused runner logits differ from the model's: {err:.2e}"
 
@@ -250,6 +261,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--quantized", help="an `ownlm quantize` dir of --model: its engine step too (fused-runner-quantized)"
+    )
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", help="results file name under bench/results (default: engine_step)")
     args = ap.parse_args()
@@ -265,7 +279,7 @@ def main() -> None:
     model_dir, how = bench_model(Path(tempfile.mkdtemp(prefix="ownlm-bench-step-")), args.model)
     errs = []
     for b in args.batches:
-        fns, err = model_systems(model_dir, b, args.context)
+        fns, err = model_systems(model_dir, b, args.context, args.quantized and Path(args.quantized))
         errs.append(err)
         for name, ts in interleaved_ms(fns, None, args.runs, args.warmup, inner=20).items():
             systems.setdefault(name, {})[f"step_b{b}_ms_p50"] = float(np.median(ts))
@@ -291,6 +305,10 @@ def main() -> None:
     for metric, v in systems["fused-runner"].items():
         if metric.endswith("p50"):
             ratios[f"{metric} fused-runner/hf-modules"] = v / systems["hf-modules"][metric]
+            if "fused-runner-quantized" in systems:
+                quantized_ratios[f"{metric} fused-runner-quantized/fused-runner"] = (
+                    systems["fused-runner-quantized"][metric] / v
+                )
     for peer in ("fused-runner-mapped", "hf-modules-unpacked"):
         ratios[f"engine_rss_mb fused-runner/{peer}"] = (
             systems["fused-runner"]["engine_rss_mb"] / systems[peer]["engine_rss_mb"]

