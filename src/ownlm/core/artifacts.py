@@ -32,6 +32,7 @@ def ownlm_home() -> Path:
     """ownlm's cache outside the repo: $OWNLM_HOME, default ~/.cache/ownlm."""
     return Path(os.environ.get("OWNLM_HOME") or Path.home() / ".cache" / "ownlm").expanduser()
 
+
 _VERSIONED = ("ownlm", "torch", "transformers", "tokenizers", "accelerate", "datasets", "safetensors")
 
 
