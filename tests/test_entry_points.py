@@ -183,6 +183,7 @@ def declared_choices() -> set[tuple[str, str]]:
     # test_quantize.py makes each method (and runs the recipe's quantize stage); the journey's CLI
     # call makes int8-dynamic.
     covered |= {("quantize.method", m) for m in ("int8-dynamic", "bf16", "int4-weight", "qat-int4")}
+    covered |= {("quantize.qat.method", m) for m in ("full", "lora")}  # test_quantize.py's QAT runs
     return covered
 
 

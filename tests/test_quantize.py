@@ -195,14 +195,17 @@ def test_bf16_and_int4_artifacts(model_dir, tmp_path):
     assert model.dtype == torch.bfloat16 and hasattr(model.model.layers[0].mlp.up_proj, "ownlm_quantized")
 
 
-def test_qat_int4_trains_and_beats_rounding(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "settings", [{"lr": 1e-3}, {"method": "lora", "lr": 1e-3, "lora_r": 8}], ids=["full", "lora"]
+)
+def test_qat_int4_trains_and_beats_rounding(model_dir, tmp_path, settings):
     from ownlm.compress.quantize import QuantizeConfig, quantize_model
     from ownlm.models import load_model
 
     ptq = quantize_model(
         model_dir, tmp_path / "ptq", QuantizeConfig(method="int4-weight", speed=False, enforce_gate=False)
     )
-    qat = QuantizeConfig(method="qat-int4", speed=False, enforce_gate=False, qat={"steps": 40, "lr": 1e-3})
+    qat = QuantizeConfig(method="qat-int4", speed=False, enforce_gate=False, qat={"steps": 40, **settings})
     m = quantize_model(model_dir, tmp_path / "qat", qat)
     assert m["qat"]["steps"] == 40 and m["qat"]["loss_last10"] < m["qat"]["loss_first"]
     assert m["parity"]["gate"]["format"] == "int4"
@@ -210,6 +213,34 @@ def test_qat_int4_trains_and_beats_rounding(model_dir, tmp_path):
     assert m["parity"]["perplexity"] < ptq["parity"]["perplexity"]
     model = load_model(tmp_path / "qat")
     assert model.config.ownlm_quantization["method"] == "int4-weight"
+
+
+def test_lora_qat_trains_only_the_update_and_merges_it():
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    from ownlm.compress.qat import QATSettings, add_lora_updates, merge_lora_updates
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64))
+    source = [m.weight.detach().clone() for m in model]
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
+    quantize_(model, QATConfig(weight_config=weight, step="prepare"))
+    adapted = add_lora_updates(model, QATSettings(method="lora", lora_r=4), torch.Generator().manual_seed(0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(adapted) == 2 and all(n.endswith((".a", ".b")) for n in trainable) and len(trainable) == 4
+    assert torch.equal(model[0].weight, source[0])  # B = 0: the source model to start with
+    model(torch.randn(3, 64)).square().sum().backward()
+    assert model[0].parametrizations.weight[0].b.grad.abs().sum() > 0  # through the fake quantizer
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].b.fill_(0.01)
+    merged = model[0].weight.detach().clone()
+    merge_lora_updates(adapted)
+    assert not parametrize.is_parametrized(model[0]) and torch.equal(model[0].weight, merged)
+    assert not torch.equal(merged, source[0])
 
 
 def test_quantize_is_an_opt_in_recipe_stage(trained_run):

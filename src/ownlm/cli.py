@@ -421,6 +421,12 @@ def quantize(
         str, typer.Option(help="int8-dynamic, bf16, int4-weight or qat-int4 (int4 after QAT).")
     ] = "int8-dynamic",
     qat_steps: Annotated[int, typer.Option(min=1, help="qat-int4: fine-tuning steps.")] = 100,
+    qat_method: Annotated[
+        str, typer.Option(help="qat-int4: train the weights (full) or a LoRA update of each (lora).")
+    ] = "full",
+    qat_lr: Annotated[
+        float | None, typer.Option(help="qat-int4: peak learning rate (default 2e-5 full, 2e-4 lora).")
+    ] = None,
     smooth_alpha: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="int8: SmoothQuant's strength (0: no smoothing).")
     ] = 0.5,
@@ -439,11 +445,13 @@ def quantize(
 
     try:
         cfg = QuantizeConfig(
-            method=method, calibration=calibration, speed=speed, qat={"steps": qat_steps},
+            method=method, calibration=calibration, speed=speed,
+            qat={"steps": qat_steps, "method": qat_method, "lr": qat_lr},
             smooth_alpha=smooth_alpha, outliers=outliers,
         )  # fmt: skip
     except ValidationError as e:
-        raise OwnlmError(f"--method {method}: {e.errors()[0]['msg']}") from None
+        err = e.errors()[0]
+        raise OwnlmError(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}") from None
     m = quantize_model(model, out, cfg)
     print(f"{out}: {m['method']}, {m['size_mb']:.1f} MB on disk (source {m['source_size_mb']:.1f} MB)")
     print(f"parity: {format_card(m['parity'])} (gate passed)")

@@ -10,7 +10,13 @@ from pathlib import Path
 from ownlm.core.artifacts import ownlm_home, read_manifest, sha256_file, stage_dir
 from ownlm.core.errors import OwnlmError
 from ownlm.models.llama import count_params
-from ownlm.models.quantized_checkpoint import inference_dtype, load_quantized, model_config, quantization_of
+from ownlm.models.quantized_checkpoint import (
+    inference_dtype,
+    is_quantized_dir,
+    load_quantized,
+    model_config,
+    quantization_of,
+)
 
 
 def gguf_cache_root() -> Path:
@@ -141,7 +147,9 @@ def load_tokenizer_for(path: str | Path):
     p = Path(path)
     if not (p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file())):
         p = resolve_model_dir(p)
-    tok = AutoTokenizer.from_pretrained(str(p))
+    # transformers reads config.json for the model type; a quantized one's is ours to restore.
+    extra = {"config": model_config(p)} if is_quantized_dir(p) else {}
+    tok = AutoTokenizer.from_pretrained(str(p), **extra)
     return adopt_chat_template(tok, strict=False) if tok.chat_template else tok
 
 

@@ -56,6 +56,19 @@ def save_quantized_config(config, out_dir: Path, method: str) -> None:
     file.write_text(json.dumps({**written, "model_type": MODEL_TYPE}, indent=2, sort_keys=True) + "\n")
 
 
+def is_quantized_dir(model_dir: Path) -> bool:
+    """Whether `model_dir` holds an `ownlm quantize` model (its config.json's model_type)."""
+    import json
+
+    try:
+        return (
+            json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+            == MODEL_TYPE
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def model_config(model_dir: Path):
     """The `AutoConfig` of a model directory, quantized (its real model type restored) or not."""
     import json
