@@ -13,7 +13,7 @@ on the calibration chats with int4 fake-quantized weights, then int4-weight), gg
 is transformers' reading of the file; tokens/s are llama.cpp's business and not measured here).
 QAT's goal is torchao's: the share of post-training int4's perplexity loss it recovers.
 
-    python bench/quantize.py [--models tiny smol] [--smol PATH] [--qat-steps 100] [--save]
+    python bench/quantize.py [--models tiny smol] [--modes int8-dynamic ...] [--qat-steps 100] [--save]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def row(metrics: dict, card: dict) -> dict:
     }
 
 
-def bench_one(source: Path, work: Path, qat_steps: int, qat_lr: float) -> dict[str, dict]:
+def bench_one(source: Path, work: Path, qat_steps: int, qat_lr: float, modes: list[str]) -> dict[str, dict]:
     import torch
 
     from ownlm.compress.export import ExportConfig, export_model
@@ -70,7 +70,7 @@ def bench_one(source: Path, work: Path, qat_steps: int, qat_lr: float) -> dict[s
     torch.set_num_threads(1)
     out: dict[str, dict] = {}
     fp32_speed = None
-    for mode in ("bf16", "int8-dynamic", "int4-weight", "qat-int4"):
+    for mode in [m for m in ("bf16", "int8-dynamic", "int4-weight", "qat-int4") if m in modes]:
         qat = {"steps": qat_steps, "lr": qat_lr}
         m = quantize_model(source, work / mode, QuantizeConfig(method=mode, enforce_gate=False, qat=qat))
         out[mode] = row(m, m["parity"]) | ({"qat": m["qat"]} if "qat" in m else {})
@@ -99,6 +99,8 @@ def bench_one(source: Path, work: Path, qat_steps: int, qat_lr: float) -> dict[s
                 "peak_rss_mb": peak_rss_mb(source),
             },
         )
+    if "gguf-q8_0" not in modes:
+        return out
     g = export_model(source, work / "gguf", ExportConfig(format="gguf", type="q8_0", llama_cpp=False))
     out["gguf-q8_0"] = {
         **row(g, g["parity"]),
@@ -113,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"])
     ap.add_argument("--smol", default="smollm2-135m-instruct", help="SmolLM2: a run, HF dir or built-in")
+    ap.add_argument("--modes", nargs="+", default=list(MODES[1:]), choices=MODES[1:], help="besides fp32")
     ap.add_argument("--qat-steps", type=int, default=100)
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--save", action="store_true")
@@ -131,7 +134,7 @@ def main() -> None:
             else:
                 sources[name] = (resolve_model_dir(most_trained_model(Path(args.smol))), f"model {args.smol}")
             for mode, metrics in bench_one(
-                sources[name][0], work / name, args.qat_steps, args.qat_lr
+                sources[name][0], work / name, args.qat_steps, args.qat_lr, args.modes
             ).items():
                 systems[f"{name}-{mode}"] = metrics
     smol = {k.removeprefix("smol-"): v for k, v in systems.items() if k.startswith("smol-")}
@@ -141,7 +144,7 @@ def main() -> None:
         goals["int8_dynamic_c32_speedup"] = q["vs_fp32_c32"]
         goals["int8_dynamic_delta_ppl_pct"] = q["delta_ppl_pct"]
         goals["int8_goal_met"] = q["vs_fp32_c32"] >= 1.5 and q["delta_ppl_pct"] <= 1.0
-    if "qat-int4" in smol:
+    if {"qat-int4", "int4-weight"} <= smol.keys():
         fp, ptq, qat = (smol[k]["perplexity"] for k in ("fp32", "int4-weight", "qat-int4"))
         goals["qat_recovered_share"] = (ptq - qat) / (ptq - fp) if ptq > fp else None
         goals["qat_goal_met"] = (goals["qat_recovered_share"] or 0) >= 0.6
