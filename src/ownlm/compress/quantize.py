@@ -219,23 +219,38 @@ def shared_lead(name: str) -> str:
     return next((name[: -len(a)] + b for a, b in SHARED_INPUT.items() if name.endswith(a)), name)
 
 
-def serving_figures(path: Path, speed: bool, tokens: int = 32) -> tuple[dict[str, int], dict[int, float]]:
-    """What `ownlm serve` builds for `path` (fused runner, prepacked or quantized kernels): its
-    memory (weights as held, the default KV budget) and, with `speed`, its output tokens/s decoding
-    1 and 32 sequences at once, `tokens` each, after a warm-up pass."""
+def serving_figures(
+    paths: list[Path], speed: bool, tokens: int = 32, rounds: int = 3
+) -> list[tuple[dict[str, int], dict[int, float]]]:
+    """What `ownlm serve` builds for each of `paths` (fused runner, prepacked or quantized kernels):
+    its memory (weights as held, the default KV budget) and, with `speed`, its output tokens/s
+    decoding 1 and 32 sequences at once, `tokens` each: the median of `rounds` passes, the engines
+    taking turns (A, B, A, B ...) after a warm-up pass each, so a noisy neighbour hits both alike
+    (one pass each, one engine after the other, moved the int8/fp32 ratio at 32 rows from 1.36x to
+    1.59x between two runs of bench/quantize.py)."""
+    import statistics
+
     from ownlm.engine.core import Engine, EngineConfig
     from ownlm.engine.sampling_params import SamplingParams
 
-    engine = Engine.from_pretrained(path, config=EngineConfig(max_num_seqs=32, self_check=speed))
-    rates = {}
-    prompt = engine.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    engines = [
+        Engine.from_pretrained(p, config=EngineConfig(max_num_seqs=32, self_check=speed)) for p in paths
+    ]
+    rates: list[dict[int, list[float]]] = [{} for _ in engines]
     for rows in (1, 32) if speed else ():
         params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * rows
-        engine.generate([list(prompt)] * rows, params)
-        start = time.perf_counter()
-        engine.generate([list(prompt)] * rows, params)
-        rates[rows] = rows * tokens / (time.perf_counter() - start)
-    return engine.memory, rates
+        prompts = [e.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"] for e in engines]
+        for e, prompt in zip(engines, prompts, strict=True):
+            e.generate([list(prompt)] * rows, params)
+        for _ in range(rounds):
+            for e, prompt, rate in zip(engines, prompts, rates, strict=True):
+                start = time.perf_counter()
+                e.generate([list(prompt)] * rows, params)
+                rate.setdefault(rows, []).append(rows * tokens / (time.perf_counter() - start))
+    return [
+        (e.memory, {rows: statistics.median(v) for rows, v in rate.items()})
+        for e, rate in zip(engines, rates, strict=True)
+    ]
 
 
 def stage_identity(source: str | Path, model_dir: Path, cfg: QuantizeConfig) -> tuple[dict, dict]:
@@ -320,9 +335,10 @@ def quantize_model(source: str | Path, out: str | Path, cfg: QuantizeConfig) -> 
             card = check_gate(
                 GATE_OF[cfg.method], parity_card(reference, candidate), enforce=cfg.enforce_gate
             )
-        # Both as `ownlm serve` runs them, one after the other.
-        info["memory"], rates = serving_figures(w.tmp, cfg.speed)
-        source_memory, source_rates = serving_figures(model_dir, cfg.speed)
+        # Both as `ownlm serve` runs them, taking turns.
+        (info["memory"], rates), (source_memory, source_rates) = serving_figures(
+            [w.tmp, model_dir], cfg.speed
+        )
         info["source_weights_bytes"] = source_memory["weights_bytes"]
         if cfg.speed:
             info["speed"] = {
