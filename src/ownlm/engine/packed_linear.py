@@ -30,26 +30,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ownlm.models.prepacked import PackedLinear
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-
-
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W reordered once for oneDNN; inference only."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        # Not a Parameter: the opaque tensor must stay out of state_dict / .to() / optimizers.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        bias = self.bias is not None
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+__all__ = ["PackedLinear", "pack_linears", "packed_linears", "prepacked"]
 
 
 def prepacked(linear: nn.Linear) -> nn.Module:

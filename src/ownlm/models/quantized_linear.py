@@ -124,7 +124,7 @@ class Int8DynamicLinear(nn.Module):
             and self.out_features >= 2048
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         ):
-            from ownlm.engine.packed_linear import PackedLinear
+            from ownlm.models.prepacked import PackedLinear
 
             self.outlier_linear = PackedLinear(_linear_of(weight.outlier_w))
         else:
