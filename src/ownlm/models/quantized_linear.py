@@ -20,10 +20,12 @@ prepacked once, u8 activations with zero point 128, the path inductor emits for 
 fed by one C loop that quantizes each token and gathers its fp32 channels (`token_quant`; ten torch
 ops without a C compiler). `torch._int_mm` is the fallback where a torch build lacks the oneDNN ops.
 
-In a real decode step the weights stream from memory and int8 pays more: SmolLM2 at 32 rows of 40
-tokens, 2 threads, one engine step 36.1 ms against fp32's 47.5 (1.32x; by hand, stop 33); of the
-int8 step, its GEMMs are ~12 ms, the fp32 channels ~3.6 ms and the rest (attention ~7 ms, norms,
-rotary, cache writes, Python) is the fp32 path's too, which is what keeps the ratio below 1.5x.
+In a real engine the weights stream from memory and int8 pays more: `python bench/engine_step.py
+--model runs/smol/align --quantized DIR --context 40 --batches 32` puts one decode step of 32 rows
+at 0.74x fp32's time (1 thread; 0.82x at 2), and `bench/quantize.py`'s generate figures, prefill
+included, at 1.58x fp32's tokens/s (1 thread, bench/results/quantize_int8.json). Of a 2-thread int8
+step (profiled by hand, stop 33) the GEMMs are ~12 ms, the fp32 channels ~3.6 ms, and the rest
+(attention ~7 ms, norms, rotary, cache writes, Python) is the fp32 path's too.
 
 Per-token int8 alone costs SmolLM2 +4.9% perplexity (KLD 0.034;
 `ownlm quantize runs/smol --smooth-alpha 0 --outliers 0`): a few input channels carry outliers
