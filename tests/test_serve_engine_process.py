@@ -207,7 +207,7 @@ def test_load_errors_name_the_model(tmp_path):
     assert "nope" in str(e.value) and "exited" not in str(e.value)  # the engine's own message
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    with pytest.raises(OwnlmError, match="could not load the model") as e:
+    with pytest.raises(OwnlmError, match="broken/config.json: cannot read") as e:
         EngineProcess(tmp_path / "broken", threads=1)
     assert "exited" not in str(e.value)
 
