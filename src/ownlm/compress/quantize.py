@@ -237,9 +237,9 @@ def serving_figures(
         Engine.from_pretrained(p, config=EngineConfig(max_num_seqs=32, self_check=speed)) for p in paths
     ]
     rates: list[dict[int, list[float]]] = [{} for _ in engines]
+    prompts = [e.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"] for e in engines]
     for rows in (1, 32) if speed else ():
         params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)] * rows
-        prompts = [e.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"] for e in engines]
         for e, prompt in zip(engines, prompts, strict=True):
             e.generate([list(prompt)] * rows, params)
         for _ in range(rounds):

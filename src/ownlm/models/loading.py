@@ -12,10 +12,10 @@ from ownlm.core.errors import OwnlmError
 from ownlm.models.llama import count_params
 from ownlm.models.quantized_checkpoint import (
     inference_dtype,
-    is_quantized_dir,
     load_quantized,
     model_config,
     quantization_of,
+    quantized_config,
 )
 
 
@@ -148,8 +148,8 @@ def load_tokenizer_for(path: str | Path):
     if not (p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file())):
         p = resolve_model_dir(p)
     # transformers reads config.json for the model type; a quantized one's is ours to restore.
-    extra = {"config": model_config(p)} if is_quantized_dir(p) else {}
-    tok = AutoTokenizer.from_pretrained(str(p), **extra)
+    quantized = quantized_config(p) if (p / "config.json").is_file() else None
+    tok = AutoTokenizer.from_pretrained(str(p), **({"config": quantized} if quantized else {}))
     return adopt_chat_template(tok, strict=False) if tok.chat_template else tok
 
 

@@ -56,21 +56,9 @@ def save_quantized_config(config, out_dir: Path, method: str) -> None:
     file.write_text(json.dumps({**written, "model_type": MODEL_TYPE}, indent=2, sort_keys=True) + "\n")
 
 
-def is_quantized_dir(model_dir: Path) -> bool:
-    """Whether `model_dir` holds an `ownlm quantize` model (its config.json's model_type)."""
-    import json
-
-    try:
-        return (
-            json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-            == MODEL_TYPE
-        )
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def model_config(model_dir: Path):
-    """The `AutoConfig` of a model directory, quantized (its real model type restored) or not."""
+def quantized_config(model_dir: Path):
+    """The `AutoConfig` of an `ownlm quantize` directory, its real model type restored (module
+    docstring); None for any other directory."""
     import json
 
     from transformers import AutoConfig
@@ -80,8 +68,8 @@ def model_config(model_dir: Path):
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise OwnlmError(f"{file}: cannot read: {e}") from None
-    if raw.get("model_type") != MODEL_TYPE:
-        return AutoConfig.from_pretrained(str(model_dir))
+    if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
+        return None
     real = (raw.get("quantization_config") or {}).get("model_type")
     if not real:
         raise OwnlmError(f"{file}: model_type {MODEL_TYPE!r} without quantization_config.model_type")
@@ -90,6 +78,13 @@ def model_config(model_dir: Path):
         return AutoConfig.for_model(real, **raw)
     except ValueError as e:
         raise OwnlmError(f"{file}: {str(e).splitlines()[0]}") from None
+
+
+def model_config(model_dir: Path):
+    """The `AutoConfig` of a model directory, quantized or not."""
+    from transformers import AutoConfig
+
+    return quantized_config(model_dir) or AutoConfig.from_pretrained(str(model_dir))
 
 
 def quantization_of(config) -> dict | None:
