@@ -20,12 +20,13 @@ Two questions, one run, each system interleaved with its peer (A, B, C, A, B, C 
    checkpoint's memory map; `hf-modules-unpacked`: `pack_linears=False`):
      hf-modules     the model's own transformers modules, packed linears, engine attention (the peer)
      fused-runner   `serve.fused_llama.FusedLlama`, the runner `Engine.from_pretrained` uses
-     fused-runner-quantized  with `--quantized DIR`: the engine of an `ownlm quantize` directory of
-                    the model (its kernels in a real step, weights streaming from memory; peer fused-runner)
+     fused-runner-quantized  with `--quantize METHOD`: the engine of the model quantized by `ownlm
+                    quantize --method METHOD` (default settings, made here; its kernels in a real
+                    step, weights streaming from memory; peer fused-runner)
    The model is `--model` (a run or HF dir), else runs/tiny's most trained, else the tiny recipe's
    shape with random weights. Both paths must give the same logits (checked first).
 
-    python bench/engine_step.py [--model runs/tiny] [--quantized DIR] [--batches 1 32] [--threads 1] [--save]
+    python bench/engine_step.py [--model runs/tiny] [--quantize int8-dynamic] [--batches 1 32] [--save]
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--quantized", help="an `ownlm quantize` dir of --model: its engine step too (fused-runner-quantized)"
+        "--quantize",
+        choices=["int8-dynamic", "bf16", "int4-weight"],
+        help="also the engine step of the model quantized so (fused-runner-quantized)",
     )
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", help="results file name under bench/results (default: engine_step)")
@@ -276,10 +279,19 @@ def main() -> None:
             x = torch.randn(1, b, dims[0])
             for name, ts in interleaved_ms(fns, x, args.runs, args.warmup, inner=50).items():
                 systems.setdefault(name, {})[f"{shape}_layer_linears_b{b}_ms_p50"] = float(np.median(ts))
-    model_dir, how = bench_model(Path(tempfile.mkdtemp(prefix="ownlm-bench-step-")), args.model)
+    work = Path(tempfile.mkdtemp(prefix="ownlm-bench-step-"))
+    model_dir, how = bench_model(work, args.model)
+    quantized = None
+    if args.quantize:  # as `ownlm quantize` makes it; the card is not this bench's business
+        from ownlm.compress.quantize import QuantizeConfig, quantize_model
+
+        quantized = work / "quantized"
+        quantize_model(
+            model_dir, quantized, QuantizeConfig(method=args.quantize, speed=False, enforce_gate=False)
+        )
     errs = []
     for b in args.batches:
-        fns, err = model_systems(model_dir, b, args.context, args.quantized and Path(args.quantized))
+        fns, err = model_systems(model_dir, b, args.context, quantized)
         errs.append(err)
         for name, ts in interleaved_ms(fns, None, args.runs, args.warmup, inner=20).items():
             systems.setdefault(name, {})[f"step_b{b}_ms_p50"] = float(np.median(ts))
@@ -319,7 +331,13 @@ def main() -> None:
         "goal_met": all(r < 1 for k, r in ratios.items() if "step_" in k or "_b32_" in k)
         and ratios["engine_rss_mb fused-runner/fused-runner-mapped"] < 1,
         "machine": machine_info() | {"threads": args.threads},
-        "config": {"batches": args.batches, "context": args.context, "dtype": "float32", "model": how},
+        "config": {
+            "batches": args.batches,
+            "context": args.context,
+            "dtype": "float32",
+            "model": how,
+            "quantize": args.quantize,
+        },
         "systems": systems,
         "ratios": ratios | quantized_ratios,  # the goal is on `ratios` only
         "runs": args.runs,

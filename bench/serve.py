@@ -553,10 +553,7 @@ def main() -> None:
         if ratios.get(key) is not None:
             checks["concurrency-32 tokens/s >= 3x hf-generate batch 1"] = ratios[key] >= 3
     if "vllm-cpu" in greedy and "ownlm" in greedy:
-        same = sum(a == b for a, b in zip(greedy["ownlm"], greedy["vllm-cpu"], strict=True))
-        checks[f"vllm-cpu's greedy replies = ownlm's ({same}/{len(GREEDY_PROMPTS)})"] = same == len(
-            GREEDY_PROMPTS
-        )
+        checks["vllm-cpu's greedy replies = ownlm's"] = greedy["ownlm"] == greedy["vllm-cpu"]
     if safe and headline in results.get("ownlm-safety", {}):
         # Issue 15's goals for content safety on prompts and streamed replies. Replies the check
         # stops short count as errors (on random weights a few read as harmful), not as falling behind.

@@ -52,11 +52,12 @@ def test_serve_bench(safety_classifier, tmp_path):
     cfg.write_text(f"classifier: {{path: {safety_classifier}, max_batch: 4}}\n", encoding="utf-8")
     r = _run(
         "serve.py", "--requests", "12", "--hf-requests", "6", "--rates", "20", "--concurrency", "1", "4",
-        "--peer", "hf", "safety", "--safety-config", str(cfg),
+        "--peer", "hf", "safety", "--safety-config", str(cfg), "--export",
     )  # fmt: skip
     check_shape(r, {"ownlm", "hf-generate", "vllm-cpu", "ownlm-safety"})
     assert r["systems"]["ownlm"]["errors"] == 0 and r["systems"]["ownlm"]["output_tokens_per_s"] > 0
     assert r["systems"]["vllm-cpu"] is None and "vllm-cpu" in r["why"]  # not requested: says so
+    assert "ownlm export --format hf" in r["notes"] and len(r["greedy_replies"]["ownlm"]) == 5
     assert r["systems"]["ownlm-safety"]["output_tokens_per_s"] > 0
     assert "max_batch: 4" in r["versions"]["ownlm-safety"]
     assert {"safety: keeps up", "safety: ttft_p99_ms added <= 20"} <= set(r["checks"])
@@ -93,8 +94,11 @@ def test_quantize_bench():
 
 
 def test_engine_step_bench():
-    r = _run("engine_step.py", "--batches", "32", "--runs", "1", "--warmup", "1")
+    r = _run(
+        "engine_step.py", "--batches", "32", "--runs", "1", "--warmup", "1", "--quantize", "int8-dynamic"
+    )
     layer = "smollm2_layer_linears_b32_ms_p50"
     for name in ("packed-fused", "bf16-fused", "int8-fused", "int8-fused-outliers32", "quantize-dynamic"):
         assert r["systems"][name][layer] > 0
     assert f"{layer} int8-fused/packed-fused" in r["ratios"]
+    assert r["ratios"]["step_b32_ms_p50 fused-runner-quantized/fused-runner"] > 0

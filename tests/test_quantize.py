@@ -243,6 +243,29 @@ def test_lora_qat_trains_only_the_update_and_merges_it():
     assert not torch.equal(merged, source[0])
 
 
+def test_quantize_cli_options_reach_the_artifact(model_dir, tmp_path):
+    """The README's options through the `ownlm quantize` command itself."""
+    from safetensors import safe_open
+
+    def config_of(out):
+        return json.loads((out / "manifest.json").read_text())["config"]["quantize"]
+
+    r = ownlm("quantize", str(model_dir), "--out", "i8", "--smooth-alpha", "0.3", "--outliers", "4",
+              "--no-speed", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"smooth_alpha": 0.3, "outliers": 4}.items() <= config_of(tmp_path / "i8").items()
+    with safe_open(str(tmp_path / "i8" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.outlier_idx").numel() == 4
+    r = ownlm("quantize", str(model_dir), "--out", "lora", "--method", "qat-int4", "--qat-method", "lora",
+              "--qat-steps", "2", "--qat-lr", "0.001", "--no-speed", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"method": "lora", "steps": 2, "lr": 0.001}.items() <= config_of(tmp_path / "lora")["qat"].items()
+    r = ownlm("quantize", str(model_dir), "--out", "bad", "--method", "qat-int4", "--qat-method", "lorra",
+              cwd=tmp_path)  # fmt: skip
+    assert r.returncode != 0 and "--qat-method: Input should be 'full' or 'lora'" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_quantize_is_an_opt_in_recipe_stage(trained_run):
     from ownlm.compress.quantize import QuantizeConfig
     from ownlm.recipe import DEFAULT_STAGES

@@ -3,12 +3,12 @@
 `Int8DynamicLinear`: int8 weights (one scale per output row) times activations quantized to int8
 as they arrive, one scale per token, so a row's result never depends on what it is batched with.
 `python bench/engine_step.py` (its quantized systems; 2-core AMD EPYC with AVX-512 VNNI and BF16,
-1 thread, warm weights): one SmolLM2-135M decoder layer's projections, q/k/v and gate/up fused,
-median ms:
+1 thread, warm weights; bench/results/engine_step.json): one SmolLM2-135M decoder layer's
+projections, q/k/v and gate/up fused, median ms:
 
     rows  fp32 prepacked  bf16  int8 (no fp32 channels)  int8 + 32 fp32  int4  quantize_dynamic  torchao
-      1        0.291      0.193        0.213                 0.248       0.153       0.137         1.184
-     32        1.247      0.640        0.470                 0.597       1.518       0.404         1.549
+      1        0.275      0.189        0.218                 0.251       0.147       0.133         1.150
+     32        1.203      0.636        0.465                 0.584       1.526       0.399         1.428
 
 Why this backend and not the other two. `torch.ao.quantization.quantize_dynamic` (fbgemm) is the
 fastest but takes one activation scale per *tensor*: one token's outlier sets the scale of all the
@@ -21,9 +21,10 @@ fed by one C loop that quantizes each token and gathers its fp32 channels (`toke
 ops without a C compiler). `torch._int_mm` is the fallback where a torch build lacks the oneDNN ops.
 
 In a real engine the weights stream from memory and int8 pays more: `python bench/engine_step.py
---model runs/smol/align --quantized DIR --context 40 --batches 32` puts one decode step of 32 rows
-at 0.74x fp32's time (1 thread; 0.82x at 2), and `bench/quantize.py`'s generate figures, prefill
-included, at 1.58x fp32's tokens/s (1 thread, bench/results/quantize_int8.json). Of a 2-thread int8
+--model runs/smol/align --quantize int8-dynamic --context 40 --batches 32` puts one decode step of
+32 rows at 0.68-0.74x fp32's time (1 thread; 0.82-0.84x at 2), and `bench/quantize.py`'s
+generate figures, prefill included, at 1.58x fp32's tokens/s (1 thread,
+bench/results/quantize_int8.json). Of a 2-thread int8
 step (profiled by hand, stop 33) the GEMMs are ~12 ms, the fp32 channels ~3.6 ms, and the rest
 (attention ~7 ms, norms, rotary, cache writes, Python) is the fp32 path's too.
 
@@ -35,7 +36,7 @@ the `outliers` input channels with the largest calibrated |x|·|W| stay in fp32 
 GEMM (LLM.int8's decomposition, with the channels fixed at calibration). Both are needed on runs/smol
 (stop 33): smoothing alone at alpha 0.5 / 0.7 / 0.85 is +1.48% / +1.11% / +1.41% PPL with KLD
 0.015-0.022 and same top 91%; 8 or 16 fp32 channels give same top 92.9% / 93.2%; 32 pass (95.3%).
-Dropping the head's channels (same top 90.2%) or o_proj's (93.7%) fails too.
+Dropping the head's channels (same top 90.2%) or o_proj's (93.7%) fails too (by hand, a script).
 
 `Int4WeightLinear`: weights in 4 bits per group of 32 (torchao's symmetric scheme, the one its QAT
 fake-quantizes with), multiplied by torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) in
